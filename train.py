@@ -1,0 +1,424 @@
+"""Train a VNet to segment liver, kidneys and spleen in abdominal CT.
+
+    python train.py                      # data/ if it holds a dataset, else built-in phantoms
+    python train.py --data DIR           # an nnU-Net-style folder: imagesTr/ + labelsTr/
+    python train.py --resume checkpoints/RUN
+
+A run folder under checkpoints/ receives best.pt and last.pt (plain dicts, loadable with
+torch.load(..., weights_only=True)), metrics.csv, metrics.json and curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import (
+    AugmentConfig,
+    PatchDataset,
+    Volume,
+    detect_label_map,
+    find_cases,
+    intensity_stats,
+    load_case,
+)
+from losses import DiceCELoss
+from utils import (
+    LABELS,
+    ORGANS,
+    Preprocessing,
+    UserError,
+    configure_torch,
+    dice_per_organ,
+    pick_device,
+    run_cli,
+    save_checkpoint,
+    sliding_window_inference,
+)
+from vnet import PRESETS, build_vnet, count_parameters
+
+CHECKPOINT_FORMAT = "abdomen-vnet/1"
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data"  # dataset folder; "data" falls back to generated phantoms when it holds none
+    out: str = "checkpoints"  # parent of the run folder
+    run: str = ""  # run folder name; empty: a timestamp
+    label_map: str = "auto"  # source label map (dataset.LABEL_MAPS); auto: from dataset.json
+    preset: str = ""  # VNet preset; empty: "vnet" on CUDA, "small" on CPU
+    spacing: float = 0.0  # mm, isotropic training grid; 0: 1.5 on CUDA, 3.0 on CPU (4x fewer voxels)
+    patch: int = 0  # patch side in voxels (multiple of 16); 0: 128 on CUDA, 64 on CPU
+    batch_size: int = 2
+    epochs: int = 0  # 0: 100 on CUDA, 40 on CPU
+    steps_per_epoch: int = 0  # optimiser steps per epoch; 0: 250 on CUDA, 25 on CPU
+    val_fraction: float = 0.2  # share of cases held out for validation (at least one)
+    optimizer: str = "adamw"  # adamw or sgd (momentum 0.99, nesterov, as nnU-Net)
+    lr: float = 0.0  # peak learning rate; 0: 2e-3 for adamw, 1e-2 for sgd
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1  # linear warm-up, then cosine decay to 1% of lr
+    patience: int = 10  # early stopping: epochs without a better mean validation Dice
+    seed: int = 0
+    workers: int = -1  # DataLoader workers; -1: one per spare CPU core, at most 8
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler)
+    synthetic_cases: int = 40  # phantoms generated when no dataset is found
+    max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
+    device: str = "auto"
+
+    def resolve(self, device: torch.device) -> TrainConfig:
+        """Fills the device-dependent defaults (fields left at 0 or empty)."""
+        cuda = device.type == "cuda"
+        c = TrainConfig(**asdict(self))
+        c.preset = c.preset or ("vnet" if cuda else "small")
+        c.patch = c.patch or (128 if cuda else 64)
+        c.spacing = c.spacing or (1.5 if cuda else 3.0)
+        c.epochs = c.epochs or (100 if cuda else 40)
+        c.steps_per_epoch = c.steps_per_epoch or (250 if cuda else 25)
+        c.lr = c.lr or (2e-3 if c.optimizer == "adamw" else 1e-2)
+        if c.workers < 0:
+            c.workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+        c.amp = c.amp and cuda
+        return c
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a VNet for liver, kidneys and spleen in CT.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig()
+    p.add_argument("--data", default=d.data, help="dataset folder (imagesTr/ + labelsTr/); the default 'data' "
+                   "falls back to built-in phantoms in data/synthetic/ when it holds no dataset")
+    p.add_argument("--out", default=d.out, help="folder for run folders")
+    p.add_argument("--run", default=d.run, help="run folder name (default: a timestamp)")
+    p.add_argument("--label-map", default=d.label_map, help="source label map: identity, flare22 or auto")
+    p.add_argument("--preset", default=d.preset, choices=["", *PRESETS], help="VNet preset ('': vnet on CUDA, small on CPU)")
+    p.add_argument("--spacing", type=float, default=d.spacing, help="training voxel size, mm (0: 1.5 on CUDA, 3.0 on CPU)")
+    p.add_argument("--patch", type=int, default=d.patch, help="patch side in voxels, multiple of 16 (0: 128 CUDA, 64 CPU)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (0: 100 on CUDA, 40 on CPU)")
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps per epoch (0: 250 CUDA, 25 CPU)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of cases for validation")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"], help="optimiser")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (0: 2e-3 adamw, 1e-2 sgd)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs")
+    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience, epochs")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers (-1: spare cores, max 8)")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA (default: on)")
+    p.add_argument("--synthetic-cases", type=int, default=d.synthetic_cases, help="phantoms to generate when no data")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this many minutes, whole run (default: 13 on CPU with default settings, none on CUDA)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--resume", default="", help="run folder or last.pt to continue (default: start a new run)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_data(cfg: TrainConfig) -> Path:
+    """The dataset folder to train on; generates the phantom set when data/ holds none."""
+    root = Path(cfg.data)
+    if cfg.data != TrainConfig.data:
+        return root
+    if (root / "imagesTr").is_dir():
+        return root
+    found = sorted(p.parent for p in root.glob("*/imagesTr") if p.is_dir()) if root.is_dir() else []
+    if found:
+        return found[0]
+    synthetic = root / "synthetic"
+    print(f"{root}/ holds no dataset: generating {cfg.synthetic_cases} synthetic phantoms into {synthetic}/ (once)")
+    from phantom import write_dataset
+
+    write_dataset(synthetic, cfg.synthetic_cases, seed=cfg.seed, workers=max(1, min(4, os.cpu_count() or 1)))
+    return synthetic
+
+
+def load_volumes(data: Path, cfg: TrainConfig) -> tuple[list[Volume], list[Volume], Preprocessing, str]:
+    cases = find_cases(data)
+    if len(cases) < 2:
+        raise UserError(f"{data}: {len(cases)} case found; training needs at least 2 (one for validation)")
+    label_map = detect_label_map(data) if cfg.label_map == "auto" else cfg.label_map
+    prep = Preprocessing(spacing=(cfg.spacing,) * 3)
+    workers = max(1, min(4, os.cpu_count() or 1, len(cases)))
+    with ProcessPoolExecutor(workers) as pool:
+        jobs = pool.map(load_case, cases, [prep] * len(cases), [label_map] * len(cases))
+        volumes = list(tqdm(jobs, total=len(cases), desc="loading", unit="case"))
+    order = np.random.default_rng(cfg.seed).permutation(len(volumes))
+    n_val = max(1, int(round(len(volumes) * cfg.val_fraction)))
+    val = [volumes[i] for i in sorted(order[:n_val])]
+    train = [volumes[i] for i in sorted(order[n_val:])]
+    prep.mean, prep.std = intensity_stats(train, prep.clip)
+    return train, val, prep, label_map
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up, then cosine decay to 1% at the last step. It reads cfg.epochs at every step,
+    so a run whose epochs are cut to fit --max-minutes still ends its schedule at its last step."""
+    warm = cfg.warmup_epochs * cfg.steps_per_epoch
+
+    def f(step: int) -> float:
+        total = cfg.epochs * cfg.steps_per_epoch
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, volumes: list[Volume], prep: Preprocessing, cfg: TrainConfig,
+             device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """Per-organ Dice on whole validation volumes (sliding window on the training grid)."""
+    model.eval()
+    scores = {o: [] for o in ORGANS}
+    for v in volumes:
+        # Windows as large as the volume (up to three patches a side): fewer, bigger windows waste less
+        # work on overlaps, and the network is fully convolutional.
+        roi = tuple(min(-(-s // 16) * 16, 3 * cfg.patch) for s in v.image.shape)
+        x = ((torch.from_numpy(v.image) - prep.mean) / prep.std)[None, None].to(device)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            probs = sliding_window_inference(x, roi, 4, model, overlap=0.25,
+                                             pad_value=(prep.clip[0] - prep.mean) / prep.std)
+        pred = probs[0].argmax(0).cpu()
+        for organ, d in dice_per_organ(pred, torch.from_numpy(v.label)).items():
+            scores[organ].append(d)
+    model.train()
+    out = {o: float(np.mean(s)) for o, s in scores.items()}
+    out["mean"] = float(np.mean([out[o] for o in ORGANS]))
+    return out
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss (Dice + CE)")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    for organ in [*ORGANS, "mean"]:
+        ax2.plot(epochs, [h[organ] for h in history], label=organ, lw=2.5 if organ == "mean" else 1.2)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation Dice")
+    ax2.set_ylim(0, 1)
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    from utils import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def write_csv(history: list[dict], path: Path) -> None:
+    from utils import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(history[0]))
+            w.writeheader()
+            w.writerows(history)
+
+    atomic_write(path, write)
+
+
+def find_resume(path: str) -> Path:
+    p = Path(path)
+    ckpt = p / "last.pt" if p.is_dir() else p
+    if not ckpt.exists():
+        raise UserError(f"{ckpt}: no checkpoint to resume; pass a run folder that holds last.pt")
+    return ckpt
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                        f"it may be damaged or carry pickled code, which is refused") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint of this project (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    t_start = time.time()
+    resume = find_resume(args.resume) if args.resume else None
+    state = load_checkpoint(resume) if resume else None
+    if state is not None:
+        cfg = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
+        if args.epochs:
+            cfg.epochs = args.epochs
+        run_dir = resume.parent
+    else:
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "max_minutes"})
+    device = pick_device(cfg.device)
+    defaults = all(getattr(args, k) == getattr(TrainConfig, k) for k in ("epochs", "steps_per_epoch", "patch", "preset"))
+    cfg.max_minutes = args.max_minutes if args.max_minutes is not None else (
+        13.0 if device.type == "cpu" and defaults and state is None else 0.0)
+    cfg = cfg.resolve(device)
+    if cfg.patch % 16:
+        raise UserError(f"--patch {cfg.patch}: must be a multiple of 16 (the VNet halves it four times)")
+    configure_torch(device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # Data
+    data = resolve_data(cfg)
+    train_vols, val_vols, prep, label_map = load_volumes(data, cfg)
+    if state is not None:
+        prep = Preprocessing.from_dict(state["preprocessing"])
+    aug = AugmentConfig()
+    patch = (cfg.patch,) * 3
+    train_set = PatchDataset(train_vols, prep, patch, cfg.steps_per_epoch * cfg.batch_size, aug, cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        prefetch_factor=4 if cfg.workers > 0 else None)
+
+    # Model, loss, optimiser, schedule
+    # Channels-last 3D: oneDNN and cuDNN both run 3D convolutions faster in this layout.
+    model = build_vnet(cfg.preset).to(device).to(memory_format=torch.channels_last_3d)
+    loss_fn = DiceCELoss()
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                fused=device.type == "cuda")
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    amp_dtype = None
+    if cfg.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    history: list[dict] = []
+    best, best_epoch, start_epoch = -1.0, -1, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history = list(state["history"])
+        best, best_epoch, start_epoch = state["best_metric"], state["best_epoch"], state["epoch"] + 1
+        print(f"resuming {run_dir} at epoch {start_epoch}")
+    else:
+        run_dir = Path(cfg.out) / (cfg.run or time.strftime("%Y%m%d-%H%M%S"))
+        run_dir.mkdir(parents=True, exist_ok=False)
+    print(f"{len(train_vols)} training / {len(val_vols)} validation cases from {data} (labels: {label_map}); "
+          f"VNet '{cfg.preset}' {count_parameters(model) / 1e6:.1f} M parameters on {device}; "
+          f"patch {cfg.patch}^3 at {cfg.spacing} mm; run folder {run_dir}")
+
+    def checkpoint(epoch: int, metrics: dict, full: bool) -> dict:
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_config": model.cfg.to_dict(),
+            "preprocessing": prep.to_dict(),
+            "labels": {str(k): v for k, v in LABELS.items()},
+            "roi_size": [cfg.patch] * 3,
+            "epoch": epoch,
+            "metrics": metrics,
+            "best_metric": best,
+            "best_epoch": best_epoch,
+            "train_config": asdict(cfg),
+            "augmentation": aug.to_dict(),
+            "label_map": label_map,
+            "history": history,
+        }
+        if full:
+            ckpt["optimizer"] = opt.state_dict()
+            ckpt["scheduler"] = sched.state_dict()
+        return ckpt
+
+    # Training loop
+    stopped = "finished all epochs"
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        model.train()
+        train_set.set_epoch(epoch)
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+        for image, label in bar:
+            image = image.to(device, non_blocking=True).to(memory_format=torch.channels_last_3d)
+            label = label.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(image)
+            loss = loss_fn(logits.float(), label)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        metrics = validate(model, val_vols, prep, cfg, device, amp_dtype)
+        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
+               **{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(time.time() - t0, 1)}
+        history.append(row)
+        improved = metrics["mean"] > best + 1e-4
+        if improved:
+            best, best_epoch = metrics["mean"], epoch
+            save_checkpoint(checkpoint(epoch, metrics, full=False), run_dir / "best.pt")
+        save_checkpoint(checkpoint(epoch, metrics, full=True), run_dir / "last.pt")
+        write_csv(history, run_dir / "metrics.csv")
+        plot_curves(history, run_dir / "curves.png")
+        organs = "  ".join(f"{o} {metrics[o]:.3f}" for o in ORGANS)
+        tqdm.write(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  val Dice {organs}  mean {metrics['mean']:.3f}"
+                   f"{'  *best' if improved else ''}  ({row['seconds']:.0f} s)")
+        if epoch - best_epoch >= cfg.patience:
+            stopped = f"early stop: no better mean Dice for {cfg.patience} epochs"
+            break
+        if cfg.max_minutes:
+            # Fit the remaining epochs (and so the LR schedule) into the time budget.
+            elapsed = (time.time() - t_start) / 60
+            per_epoch = (time.time() - t0) / 60
+            fits = epoch + 1 + int((cfg.max_minutes - elapsed) / per_epoch)
+            if fits < cfg.epochs:
+                cfg.epochs = max(fits, epoch + 1)
+                tqdm.write(f"time budget {cfg.max_minutes:g} min: schedule shortened to {cfg.epochs} epochs")
+            if epoch + 1 >= cfg.epochs:
+                stopped = f"time budget of {cfg.max_minutes:g} min reached"
+                break
+
+    best_ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    final = {organ: round(best_ckpt["metrics"][organ], 4) for organ in [*ORGANS, "mean"]}
+    summary = {**final, "best_epoch": best_ckpt["epoch"] + 1, "epochs_run": epoch + 1, "stopped": stopped,
+               "minutes": round((time.time() - t_start) / 60, 2), "checkpoint": str(run_dir / "best.pt")}
+    from utils import atomic_write
+
+    atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    print(f"\n{stopped}. Best validation Dice (epoch {summary['best_epoch']}), {run_dir / 'best.pt'}:")
+    print(f"  {'organ':<14}{'Dice':>8}")
+    for organ in [*ORGANS, "mean"]:
+        print(f"  {organ:<14}{final[organ]:>8.4f}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())

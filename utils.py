@@ -1,0 +1,422 @@
+"""What train.py, infer.py, visualize.py and dataset.py share: the label map, NIfTI input/output
+with checks, the geometry of preprocessing (canonical orientation, resampling) and its exact
+inverse, Gaussian sliding-window inference, Dice, atomic writes and one-line CLI errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LABELS: dict[int, str] = {0: "background", 1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
+ORGANS: list[str] = [LABELS[i] for i in range(1, len(LABELS))]
+NUM_CLASSES = len(LABELS)
+# A left-right mirror turns the patient's right kidney into a left one: the label swap it needs.
+LR_SWAP = np.array([0, 1, 3, 2, 4], dtype=np.uint8)
+
+
+class UserError(Exception):
+    """A problem with the user's input: shown as one line, no traceback, exit code 1."""
+
+
+def run_cli(main: Callable[[object], object], args: object) -> None:
+    """Runs main(args); a UserError (or a file the OS refuses) becomes one line on stderr, exit 1."""
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as e:
+        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        sys.exit(1)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def configure_torch(device: torch.device) -> None:
+    """Global speed settings. Flushing denormals matters on CPUs: late in training, tiny
+    activations and gradients turn denormal and each operation on them costs ~100x."""
+    torch.set_flush_denormal(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary file beside path, fsync, then rename over path: readers see the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_nifti(path: str | Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Reads a 3D NIfTI: (array (X, Y, Z) in its stored dtype with scaling applied, affine (4, 4)).
+    Trailing singleton dimensions are dropped; anything else that is not 3D is a UserError."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a NIfTI {what} file (.nii or .nii.gz)")
+    if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+        raise UserError(f"{path}: not a NIfTI file (.nii or .nii.gz); convert it first")
+    try:
+        img = nib.load(str(path))
+        while len(img.shape) > 3 and img.shape[-1] == 1:
+            img = img.slicer[..., 0]
+        if len(img.shape) != 3:
+            raise UserError(f"{path}: the {what} is {len(img.shape)}D with shape {img.shape}; "
+                            f"a 3D volume is needed (split 4D series, stack 2D slices)")
+        slope, _ = img.header.get_slope_inter()
+        raw_int = np.issubdtype(img.get_data_dtype(), np.integer)
+        array = np.asanyarray(img.dataobj) if (slope in (None, 1.0)) or not raw_int else img.get_fdata(dtype=np.float32)
+        array = np.asarray(array)
+    except UserError:
+        raise
+    except Exception as e:  # nibabel raises many types for truncated or garbled files
+        raise UserError(f"{path}: cannot read the {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"the file is damaged or not NIfTI: download or export it again") from None
+    affine = img.affine.astype(np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise UserError(f"{path}: its affine is degenerate; fix the header's sform/qform")
+    if min(array.shape) < 1:
+        raise UserError(f"{path}: the {what} is empty (shape {array.shape})")
+    return array, affine
+
+
+def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, header=None) -> None:
+    """Writes array with affine as both sform and qform (code 1, scanner), atomically. header, if
+    given, is the input's header: its units and descriptions are kept, its scaling is reset."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.parent.exists():
+        raise UserError(f"{path}: the folder {path.parent} does not exist; create it first")
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(array, affine, header=hdr)
+    img.set_data_dtype(array.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+
+def spacing_of(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes (mm) along the array axes."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+
+
+def canonical_transform(affine: np.ndarray, code: str = "RAS") -> np.ndarray:
+    """nibabel orientation transform that takes an array with this affine to axes code."""
+    from nibabel import orientations as ornt
+
+    return ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(tuple(code)))
+
+
+def reorient(array: np.ndarray, affine: np.ndarray, transform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Permutes and flips array axes (no interpolation) by an orientation transform; returns the
+    new array and the affine that keeps every voxel at its world position."""
+    from nibabel import orientations as ornt
+
+    out = ornt.apply_orientation(array, transform)
+    return out, affine @ ornt.inv_ornt_aff(transform, array.shape)
+
+
+def undo_reorient(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Inverse of reorient for the array: back to the original axes."""
+    from nibabel import orientations as ornt
+
+    # transform row i sends input axis i to canonical axis transform[i, 0], flipped if -1.
+    inv = np.zeros_like(transform)
+    for src, (dst, flip) in enumerate(transform):
+        inv[int(dst)] = (src, flip)
+    return ornt.apply_orientation(array, inv)
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+    """Shape that covers the same extent at the target spacing (at least 1 voxel per axis)."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def resampled_affine(affine: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int]) -> np.ndarray:
+    """Affine of a grid resampled from in_shape to out_shape over the same extent: voxel j's
+    centre sits at input index (j + 0.5) * n_in / n_out - 0.5 (align_corners=False)."""
+    scale = np.array(in_shape, dtype=np.float64) / np.array(out_shape, dtype=np.float64)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(scale)
+    m[:3, 3] = (scale - 1.0) / 2.0
+    return np.asarray(affine) @ m
+
+
+def resample(volume: torch.Tensor, out_shape: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
+    """(C, X, Y, Z) or (X, Y, Z) float tensor -> same on out_shape, over the same extent
+    (align_corners=False, consistent with resampled_affine). mode: trilinear or nearest-exact."""
+    squeeze = volume.ndim == 3
+    x = volume[None, None] if squeeze else volume[None]
+    if tuple(x.shape[2:]) != tuple(out_shape):
+        kwargs = {"align_corners": False} if mode == "trilinear" else {}
+        x = F.interpolate(x, size=tuple(int(s) for s in out_shape), mode=mode, **kwargs)
+    return x[0, 0] if squeeze else x[0]
+
+
+def resample_labels(label: np.ndarray, out_shape: Sequence[int], num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Label map (X, Y, Z) int -> uint8 on out_shape by linear interpolation of each class's mask
+    and argmax: smoother and more faithful than nearest neighbour when the grid coarsens."""
+    if tuple(label.shape) == tuple(out_shape):
+        return label.astype(np.uint8)
+    lab = torch.from_numpy(np.ascontiguousarray(label))
+    best = torch.full(tuple(out_shape), -1.0)
+    out = torch.zeros(tuple(out_shape), dtype=torch.uint8)
+    for c in range(num_classes):
+        score = resample((lab == c).float(), out_shape)
+        better = score > best
+        out[better] = c
+        best = torch.where(better, score, best)
+    return out.numpy()
+
+
+@dataclass
+class Preprocessing:
+    """How a CT is turned into network input; stored in every checkpoint so inference repeats it."""
+
+    orientation: str = "RAS"  # canonical axes code all volumes are turned to
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)  # mm, target voxel size
+    clip: tuple[float, float] = (-200.0, 400.0)  # HU window applied before normalising
+    mean: float = 0.0  # HU mean of organ voxels in the training set (after clipping)
+    std: float = 1.0  # HU standard deviation of the same voxels
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spacing"] = [float(s) for s in self.spacing]
+        d["clip"] = [float(c) for c in self.clip]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        d = dict(d)
+        d["spacing"] = tuple(float(s) for s in d["spacing"])
+        d["clip"] = tuple(float(c) for c in d["clip"])
+        return cls(**d)
+
+
+@dataclass
+class GridInfo:
+    """What is needed to put a prediction made on the preprocessed grid back on the input grid."""
+
+    shape: tuple[int, ...]  # input array shape
+    affine: np.ndarray  # input affine
+    transform: np.ndarray  # input -> canonical orientation transform
+    canonical_shape: tuple[int, ...]  # shape after reorientation, before resampling
+    canonical_affine: np.ndarray
+    shape_out: tuple[int, ...]  # preprocessed (resampled) shape
+    affine_out: np.ndarray  # preprocessed affine
+
+
+def to_grid(array: np.ndarray, affine: np.ndarray, prep: Preprocessing) -> GridInfo:
+    """The geometry of preprocessing for a volume of this shape and affine."""
+    from nibabel import orientations as ornt
+
+    transform = canonical_transform(affine, prep.orientation)
+    can_affine = affine @ ornt.inv_ornt_aff(transform, array.shape)
+    can_shape = [0, 0, 0]
+    for src, (dst, _) in enumerate(transform):
+        can_shape[int(dst)] = int(array.shape[src])
+    shape_out = resampled_shape(can_shape, spacing_of(can_affine), prep.spacing)
+    return GridInfo(tuple(array.shape), np.asarray(affine), transform, tuple(can_shape), can_affine,
+                    shape_out, resampled_affine(can_affine, can_shape, shape_out))
+
+
+def normalize_ct(hu: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """HU -> clipped to prep.clip, then zero mean and unit variance with the training set's stats."""
+    return (hu.float().clamp(*prep.clip) - prep.mean) / prep.std
+
+
+def preprocess_image(hu: np.ndarray, affine: np.ndarray, prep: Preprocessing,
+                     normalize: bool = True) -> tuple[torch.Tensor, GridInfo]:
+    """CT (X, Y, Z) in HU, any dtype and orientation -> (canonical, resampled, normalised float32
+    tensor (X', Y', Z'), GridInfo to undo it). normalize=False keeps HU."""
+    info = to_grid(hu, affine, prep)
+    can, _ = reorient(hu, affine, info.transform)
+    vol = torch.from_numpy(np.ascontiguousarray(can, dtype=np.float32))
+    vol = resample(vol, info.shape_out)
+    return (normalize_ct(vol, prep) if normalize else vol), info
+
+
+def preprocess_label(label: np.ndarray, info: GridInfo) -> np.ndarray:
+    """Label map on the input grid -> uint8 on the preprocessed grid of info."""
+    can, _ = reorient(label, info.affine, info.transform)
+    return resample_labels(can, info.shape_out)
+
+
+def probs_to_input_grid(probs: torch.Tensor, info: GridInfo) -> np.ndarray:
+    """(C, X', Y', Z') class scores on the preprocessed grid -> uint8 label map on the input's
+    exact grid (shape and orientation). Each class is resampled alone and argmaxed on the fly, so
+    memory is two volumes of the input's size, not C."""
+    best = None
+    out = None
+    for c in range(probs.shape[0]):
+        score = resample(probs[c].float(), info.canonical_shape)
+        if best is None:
+            best = score
+            out = torch.zeros(score.shape, dtype=torch.uint8, device=score.device)
+            continue
+        better = score > best
+        out[better] = c
+        best = torch.maximum(score, best)
+    return np.ascontiguousarray(undo_reorient(out.cpu().numpy(), info.transform))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding window
+
+
+def gaussian_importance(roi_size: Sequence[int], sigma_scale: float = 0.125,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """MONAI's Gaussian importance map: an erf-integrated Gaussian (sigma = sigma_scale * side,
+    truncated at 4 sigma) centred at side // 2, scaled to max 1, floored at its smallest positive
+    value (at least 1e-3) so no voxel gets zero weight."""
+    out = torch.ones((), dtype=torch.float32, device=device)
+    for side in roi_size:
+        sigma = sigma_scale * side
+        tail = int(max(sigma * 4.0, 0.5) + 0.5)
+        x = torch.arange(side, dtype=torch.float32, device=device) - side // 2
+        t = 0.70710678 / sigma
+        k = 0.5 * (torch.erf(t * (x + 0.5)) - torch.erf(t * (x - 0.5)))
+        k = torch.where(x.abs() <= tail, k.clamp(min=0), torch.zeros_like(k))
+        out = out[..., None] * k
+    out = out / out.max()
+    floor = max(float(out[out > 0].min()), 1e-3)
+    return out.clamp(min=floor)
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window start indices along one axis, as MONAI's dense_patch_slices: stride
+    int(roi * (1 - overlap)) (roi when the window covers the axis), the last window flush with the end."""
+    if roi >= size:
+        return [0]
+    step = max(int(roi * (1 - overlap)), 1)
+    starts = []
+    for i in range(int(math.ceil(size / step))):
+        s = i * step
+        starts.append(min(s, size - roi))
+        if s + roi >= size:
+            break
+    return starts
+
+
+def sliding_window_inference(
+    inputs: torch.Tensor,
+    roi_size: Sequence[int],
+    sw_batch_size: int,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    overlap: float = 0.5,
+    sigma_scale: float = 0.125,
+    pad_value: float = 0.0,
+    out_device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Gaussian-weighted sliding-window prediction over a whole volume, as MONAI's
+    sliding_window_inference(mode="gaussian").
+
+    inputs (1, C_in, X, Y, Z) -> (1, C_out, X, Y, Z) float32 on out_device (default: inputs').
+    Axes shorter than roi_size are padded symmetrically with pad_value and cropped back after.
+    predictor maps (B, C_in, *roi_size) -> (B, C_out, *roi_size).
+    """
+    if inputs.ndim != 5 or inputs.shape[0] != 1:
+        raise ValueError(f"inputs must be (1, C, X, Y, Z); got {tuple(inputs.shape)}")
+    roi = tuple(int(r) for r in roi_size)
+    if len(roi) != 3:
+        raise ValueError(f"roi_size must have 3 sides; got {roi_size}")
+    size = tuple(inputs.shape[2:])
+    pads = [max(r - s, 0) for r, s in zip(roi, size)]
+    pad_arg = []
+    for p in reversed(pads):
+        pad_arg += [p // 2, p - p // 2]
+    x = F.pad(inputs, pad_arg, value=pad_value) if any(pads) else inputs
+    padded = tuple(x.shape[2:])
+    starts = [window_starts(s, r, overlap) for s, r in zip(padded, roi)]
+    corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    out_device = torch.device(out_device) if out_device is not None else inputs.device
+    weight = gaussian_importance(roi, sigma_scale, device=inputs.device)
+    out = None
+    norm = torch.zeros(padded, dtype=torch.float32, device=out_device)
+    for i in range(0, len(corners), sw_batch_size):
+        batch_corners = corners[i:i + sw_batch_size]
+        windows = torch.cat([x[:, :, a:a + roi[0], b:b + roi[1], c:c + roi[2]] for a, b, c in batch_corners])
+        pred = predictor(windows)
+        if pred.shape[0] != windows.shape[0] or tuple(pred.shape[2:]) != roi:
+            raise ValueError(f"predictor returned {tuple(pred.shape)} for windows {tuple(windows.shape)}")
+        pred = (pred.float() * weight).to(out_device)
+        w = weight.to(out_device)
+        if out is None:
+            out = torch.zeros((pred.shape[1], *padded), dtype=torch.float32, device=out_device)
+        for (a, b, c), p in zip(batch_corners, pred):
+            out[:, a:a + roi[0], b:b + roi[1], c:c + roi[2]] += p
+            norm[a:a + roi[0], b:b + roi[1], c:c + roi[2]] += w
+    out /= norm
+    crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, size))
+    return out[(slice(None), *crop)][None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def dice_per_organ(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Dice of each organ between two label maps of one shape. An organ absent from both scores
+    1.0 (nothing to find, nothing found); absent from one only, 0.0."""
+    pred = torch.as_tensor(pred)
+    ref = torch.as_tensor(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and reference {tuple(ref.shape)} differ in shape")
+    scores = {}
+    for value, name in LABELS.items():
+        if value == 0:
+            continue
+        p, r = pred == value, ref == value
+        denom = int(p.sum()) + int(r.sum())
+        scores[name] = 1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom
+    return scores

@@ -1,0 +1,232 @@
+"""VNet of Milletari, Navab and Ahmadi (2016), "V-Net: Fully Convolutional Neural Networks for
+Volumetric Medical Image Segmentation", as one small module per stage.
+
+Input (N, in_channels, D, H, W) float32, every spatial side divisible by 16 (four 2x downsamplings).
+Output (N, num_classes, D, H, W) logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VNetConfig:
+    in_channels: int = 1  # CT intensity only
+    num_classes: int = 5  # background, liver, right kidney, left kidney, spleen
+    base_width: int = 16  # channels of the input stage; doubled at every down stage (paper: 16)
+    kernel_size: int = 5  # side of the residual convolutions (paper: 5x5x5)
+    # Convolutions per stage, as in the authors' Caffe release (MONAI's VNet too); the paper's figure
+    # draws (2, 3, 3), 3 and (3, 3, 2, 1), which would make 63 M parameters.
+    down_depths: tuple[int, ...] = (1, 2, 3)  # the three down stages above the bottom, shallowest first
+    bottom_depth: int = 2  # convolutions at 1/16 resolution
+    up_depths: tuple[int, ...] = (2, 2, 1, 1)  # the four up stages, deepest first
+    norm: str = "batch"  # "batch", "instance", "group" or "none"
+    activation: str = "prelu"  # "prelu" (paper), "relu", "leakyrelu" or "elu"
+    dropout: float = 0.0  # 3D dropout probability in the two deepest stages (paper: none stated)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["down_depths"] = list(self.down_depths)
+        d["up_depths"] = list(self.up_depths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VNetConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown VNet config keys {sorted(unknown)}")
+        d = dict(d)
+        for key in ("down_depths", "up_depths"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+PRESETS: dict[str, VNetConfig] = {
+    # The paper's network: 5x5x5 kernels, widths 16..256, about 45.6 M parameters.
+    "vnet": VNetConfig(),
+    # Same topology at half the width and 3x3x3 kernels, for CPUs: about 2.5 M parameters.
+    "small": VNetConfig(base_width=8, kernel_size=3, activation="leakyrelu"),
+}
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}: use batch, instance, group or none")
+
+
+def _act(kind: str, channels: int) -> nn.Module:
+    if kind == "prelu":
+        return nn.PReLU(channels)
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "leakyrelu":
+        return nn.LeakyReLU(0.01, inplace=True)
+    if kind == "elu":
+        return nn.ELU(inplace=True)
+    raise ValueError(f"unknown activation {kind!r}: use prelu, relu, leakyrelu or elu")
+
+
+class ConvNormAct(nn.Sequential):
+    def __init__(self, cin: int, cout: int, cfg: VNetConfig, kernel: int | None = None, stride: int = 1):
+        k = cfg.kernel_size if kernel is None else kernel
+        super().__init__(
+            nn.Conv3d(cin, cout, k, stride=stride, padding=k // 2 if stride == 1 else 0, bias=cfg.norm == "none"),
+            _norm(cfg.norm, cout),
+            _act(cfg.activation, cout),
+        )
+
+
+class ResidualConvs(nn.Module):
+    """depth x (convolution, norm, activation) at fixed width, added to the stage's input, then one
+    more activation: the paper's residual stage."""
+
+    def __init__(self, channels: int, depth: int, cfg: VNetConfig, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
+        self.convs = nn.Sequential(*[ConvNormAct(channels, channels, cfg) for _ in range(depth)])
+        self.act = _act(cfg.activation, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.convs(self.drop(x)) + x)
+
+
+class InputStage(nn.Module):
+    """One full-resolution convolution to base_width channels; the input, repeated across those
+    channels, is the residual, as in the paper."""
+
+    def __init__(self, cfg: VNetConfig):
+        super().__init__()
+        if cfg.base_width % cfg.in_channels:
+            raise ValueError(f"base_width {cfg.base_width} must be a multiple of in_channels {cfg.in_channels}")
+        self.repeat = cfg.base_width // cfg.in_channels
+        self.conv = nn.Sequential(
+            nn.Conv3d(cfg.in_channels, cfg.base_width, cfg.kernel_size, padding=cfg.kernel_size // 2,
+                      bias=cfg.norm == "none"),
+            _norm(cfg.norm, cfg.base_width),
+        )
+        self.act = _act(cfg.activation, cfg.base_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x) + x.repeat(1, self.repeat, 1, 1, 1))
+
+
+class DownStage(nn.Module):
+    """2x2x2 stride-2 convolution that doubles the channels, then residual convolutions."""
+
+    def __init__(self, cin: int, depth: int, cfg: VNetConfig, dropout: float = 0.0):
+        super().__init__()
+        self.down = ConvNormAct(cin, 2 * cin, cfg, kernel=2, stride=2)
+        self.block = ResidualConvs(2 * cin, depth, cfg, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.down(x))
+
+
+class UpStage(nn.Module):
+    """2x2x2 transposed convolution to the skip's resolution (cout channels), concatenation with the
+    skip features, residual convolutions back to cout + skip channels."""
+
+    def __init__(self, cin: int, cout: int, skip: int, depth: int, cfg: VNetConfig, dropout: float = 0.0):
+        super().__init__()
+        self.up = nn.Sequential(
+            nn.ConvTranspose3d(cin, cout, 2, stride=2),
+            _norm(cfg.norm, cout),
+            _act(cfg.activation, cout),
+        )
+        self.block = ResidualConvs(cout + skip, depth, cfg, dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([self.up(x), skip], dim=1))
+
+
+class OutputStage(nn.Module):
+    """A convolution to one channel per class, then a 1x1x1 convolution to the logits."""
+
+    def __init__(self, cin: int, cfg: VNetConfig):
+        super().__init__()
+        self.conv = ConvNormAct(cin, cfg.num_classes, cfg)
+        self.head = nn.Conv3d(cfg.num_classes, cfg.num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x))
+
+
+class VNet(nn.Module):
+    def __init__(self, cfg: VNetConfig | None = None):
+        super().__init__()
+        cfg = cfg or VNetConfig()
+        if len(cfg.down_depths) != 3 or len(cfg.up_depths) != 4:
+            raise ValueError("VNet has 3 down stages above the bottom and 4 up stages: "
+                             "down_depths needs 3 entries, up_depths 4")
+        self.cfg = cfg
+        w = cfg.base_width
+        d1, d2, d3 = cfg.down_depths
+        u3, u2, u1, u0 = cfg.up_depths
+        deep = cfg.dropout
+        self.input = InputStage(cfg)                            # w,   1/1
+        self.down1 = DownStage(w, d1, cfg)                      # 2w,  1/2
+        self.down2 = DownStage(2 * w, d2, cfg)                  # 4w,  1/4
+        self.down3 = DownStage(4 * w, d3, cfg, deep)            # 8w,  1/8
+        self.bottom = DownStage(8 * w, cfg.bottom_depth, cfg, deep)  # 16w, 1/16
+        self.up3 = UpStage(16 * w, 8 * w, 8 * w, u3, cfg, deep)  # 16w, 1/8
+        self.up2 = UpStage(16 * w, 4 * w, 4 * w, u2, cfg)         # 8w,  1/4
+        self.up1 = UpStage(8 * w, 2 * w, 2 * w, u1, cfg)          # 4w,  1/2
+        self.up0 = UpStage(4 * w, w, w, u0, cfg)                  # 2w,  1/1
+        self.output = OutputStage(2 * w, cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_channels, D, H, W) -> (N, num_classes, D, H, W) logits; D, H, W divisible by 16."""
+        check_input_shape(x.shape, self.cfg.in_channels)
+        s0 = self.input(x)
+        s1 = self.down1(s0)
+        s2 = self.down2(s1)
+        s3 = self.down3(s2)
+        b = self.bottom(s3)
+        x = self.up3(b, s3)
+        x = self.up2(x, s2)
+        x = self.up1(x, s1)
+        x = self.up0(x, s0)
+        return self.output(x)
+
+
+def check_input_shape(shape: torch.Size | tuple[int, ...], in_channels: int) -> None:
+    if len(shape) != 5 or shape[1] != in_channels:
+        raise ValueError(f"VNet expects input (N, {in_channels}, D, H, W); got {tuple(shape)}")
+    bad = [s for s in shape[2:] if s % 16]
+    if bad:
+        fixed = tuple(-(-s // 16) * 16 for s in shape[2:])
+        raise ValueError(f"VNet input sides must be divisible by 16; got {tuple(shape[2:])}: "
+                         f"pad to {fixed} (the sliding window in utils.py does this)")
+
+
+def build_vnet(preset_or_cfg: str | VNetConfig | dict = "vnet", **overrides) -> VNet:
+    """A VNet from a preset name ("vnet", "small"), a VNetConfig or its dict, with field overrides."""
+    if isinstance(preset_or_cfg, str):
+        if preset_or_cfg not in PRESETS:
+            raise ValueError(f"unknown preset {preset_or_cfg!r}: choose from {sorted(PRESETS)}")
+        cfg = PRESETS[preset_or_cfg]
+    elif isinstance(preset_or_cfg, dict):
+        cfg = VNetConfig.from_dict(preset_or_cfg)
+    else:
+        cfg = preset_or_cfg
+    if overrides:
+        cfg = VNetConfig.from_dict({**cfg.to_dict(), **overrides})
+    return VNet(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
