@@ -37,21 +37,20 @@ from dataset import (
 )
 from losses import DiceCELoss
 from utils import (
+    CHECKPOINT_FORMAT,
     LABELS,
     ORGANS,
     Preprocessing,
     UserError,
     configure_torch,
     dice_per_organ,
+    load_checkpoint,
     pick_device,
     run_cli,
     save_checkpoint,
     sliding_window_inference,
 )
 from vnet import PRESETS, build_vnet, count_parameters
-
-CHECKPOINT_FORMAT = "abdomen-vnet/1"
-
 
 @dataclass
 class TrainConfig:
@@ -246,17 +245,6 @@ def find_resume(path: str) -> Path:
     ckpt = p / "last.pt" if p.is_dir() else p
     if not ckpt.exists():
         raise UserError(f"{ckpt}: no checkpoint to resume; pass a run folder that holds last.pt")
-    return ckpt
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                        f"it may be damaged or carry pickled code, which is refused") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a checkpoint of this project (format {CHECKPOINT_FORMAT})")
     return ckpt
 
 

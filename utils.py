@@ -84,8 +84,40 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+CHECKPOINT_FORMAT = "abdomen-vnet/1"
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by train.py, loaded with weights_only=True: tensors and plain
+    containers only, so a file carrying pickled code is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint; train one with train.py or pass --checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                        f"it is damaged, or carries pickled code, which is refused") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint of this project (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
+    """The VNet a checkpoint describes, with its weights, in eval mode."""
+    from vnet import build_vnet
+
+    try:
+        model = build_vnet(ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: its weights do not fit its model config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:100]}); use a checkpoint written by train.py") from None
+    return model.eval()
 
 
 def load_nifti(path: str | Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
