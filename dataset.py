@@ -133,7 +133,24 @@ def load_case(case: CasePaths, prep: Preprocessing, label_map: str) -> Volume:
     label = remap_labels(label, label_map, case.label)
     image, info = preprocess_image(hu, affine, prep, normalize=False)
     image = image.clamp(*prep.clip).numpy()
-    return Volume(case.name, image, preprocess_label(label, info))
+    label = preprocess_label(label, info)
+    box = body_box(image, label)
+    return Volume(case.name, np.ascontiguousarray(image[box]), np.ascontiguousarray(label[box]))
+
+
+def body_box(image: np.ndarray, label: np.ndarray, hu: float = -500.0, margin: int = 4
+             ) -> tuple[slice, slice, slice]:
+    """Bounding box of the body (voxels above hu, and all labels) plus a margin: the air around a
+    patient carries no training signal and costs a third or more of every validation pass."""
+    inside = (image > hu) | (label > 0)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(inside.any(axis=other))
+        if idx.size == 0:
+            return (slice(None),) * 3
+        box.append(slice(max(0, idx[0] - margin), min(image.shape[axis], idx[-1] + 1 + margin)))
+    return tuple(box)
 
 
 def intensity_stats(volumes: list[Volume], clip: tuple[float, float], max_voxels: int = 2_000_000

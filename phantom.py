@@ -377,18 +377,19 @@ def reorient_for_writing(hu: np.ndarray, label: np.ndarray, affine: np.ndarray, 
     return np.ascontiguousarray(hu2), np.ascontiguousarray(label2), aff2
 
 
-def write_case(out_dir: Path, name: str, seed: int) -> None:
+def write_case(out_dir: Path, name: str, seed: int, spacing: tuple[float, float, float] | None = None) -> None:
     """Writes imagesTr/<name>_0000.nii.gz (int16 HU) and labelsTr/<name>.nii.gz (uint8)."""
     from utils import save_nifti
 
-    hu, label, affine = make_phantom(seed)
+    hu, label, affine = make_phantom(seed, spacing)
     code = ("RAS", "LPS", "LAS")[seed % 3]
     hu, label, affine = reorient_for_writing(hu, label, affine, code)
     save_nifti(out_dir / "imagesTr" / f"{name}_0000.nii.gz", hu, affine)
     save_nifti(out_dir / "labelsTr" / f"{name}.nii.gz", label, affine)
 
 
-def write_dataset(out_dir: Path, n_cases: int, seed: int = 0, workers: int = 1, progress: bool = True) -> None:
+def write_dataset(out_dir: Path, n_cases: int, seed: int = 0, workers: int = 1, progress: bool = True,
+                  spacing: tuple[float, float, float] | None = None) -> None:
     """Writes n_cases phantoms as an nnU-Net-style dataset (imagesTr/, labelsTr/, dataset.json).
     Case i uses seed * 100003 + i, so a folder is reproducible. Written into a temporary folder and
     renamed at the end, so an interrupted run never leaves a half dataset."""
@@ -409,11 +410,11 @@ def write_dataset(out_dir: Path, n_cases: int, seed: int = 0, workers: int = 1, 
         bar = tqdm(total=n_cases, desc="phantoms", unit="case", disable=not progress)
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
-                for _ in pool.map(write_case, [tmp] * n_cases, names, seeds):
+                for _ in pool.map(write_case, [tmp] * n_cases, names, seeds, [spacing] * n_cases):
                     bar.update()
         else:
             for name, s in zip(names, seeds):
-                write_case(tmp, name, s)
+                write_case(tmp, name, s, spacing)
                 bar.update()
         bar.close()
         meta = {

@@ -52,6 +52,7 @@ from utils import (
 )
 from vnet import PRESETS, build_vnet, count_parameters
 
+
 @dataclass
 class TrainConfig:
     data: str = "data"  # dataset folder; "data" falls back to generated phantoms when it holds none
@@ -63,7 +64,7 @@ class TrainConfig:
     patch: int = 0  # patch side in voxels (multiple of 16); 0: 128 on CUDA, 64 on CPU
     batch_size: int = 2
     epochs: int = 0  # 0: 100 on CUDA, 40 on CPU
-    steps_per_epoch: int = 0  # optimiser steps per epoch; 0: 250 on CUDA, 25 on CPU
+    steps_per_epoch: int = 0  # optimiser steps per epoch; 0: 250 on CUDA, 40 on CPU
     val_fraction: float = 0.2  # share of cases held out for validation (at least one)
     optimizer: str = "adamw"  # adamw or sgd (momentum 0.99, nesterov, as nnU-Net)
     lr: float = 0.0  # peak learning rate; 0: 2e-3 for adamw, 1e-2 for sgd
@@ -71,7 +72,7 @@ class TrainConfig:
     warmup_epochs: int = 1  # linear warm-up, then cosine decay to 1% of lr
     patience: int = 10  # early stopping: epochs without a better mean validation Dice
     seed: int = 0
-    workers: int = -1  # DataLoader workers; -1: one per spare CPU core, at most 8
+    workers: int = -1  # DataLoader workers; -1: one per spare CPU core (max 8) on CUDA, 0 on CPU
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler)
     synthetic_cases: int = 40  # phantoms generated when no dataset is found
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
@@ -85,10 +86,13 @@ class TrainConfig:
         c.patch = c.patch or (128 if cuda else 64)
         c.spacing = c.spacing or (1.5 if cuda else 3.0)
         c.epochs = c.epochs or (100 if cuda else 40)
-        c.steps_per_epoch = c.steps_per_epoch or (250 if cuda else 25)
+        c.steps_per_epoch = c.steps_per_epoch or (250 if cuda else 40)
         c.lr = c.lr or (2e-3 if c.optimizer == "adamw" else 1e-2)
         if c.workers < 0:
-            c.workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+            # On a CPU device the main process already uses every core for the convolutions; a
+            # loader process would preempt its threads (oneDNN waits on the slowest one), so patches
+            # are made in-process there (~50 ms against a >1 s step).
+            c.workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
         c.amp = c.amp and cuda
         return c
 
@@ -107,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, default=d.patch, help="patch side in voxels, multiple of 16 (0: 128 CUDA, 64 CPU)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (0: 100 on CUDA, 40 on CPU)")
-    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps per epoch (0: 250 CUDA, 25 CPU)")
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps per epoch (0: 250 CUDA, 40 CPU)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of cases for validation")
     p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"], help="optimiser")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (0: 2e-3 adamw, 1e-2 sgd)")
@@ -115,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs")
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience, epochs")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers (-1: spare cores, max 8)")
+    p.add_argument("--workers", type=int, default=d.workers, help="loader workers (-1: spare cores up to 8 on CUDA, 0 on CPU)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA (default: on)")
     p.add_argument("--synthetic-cases", type=int, default=d.synthetic_cases, help="phantoms to generate when no data")
     p.add_argument("--max-minutes", type=float, default=None,

@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import train
+
+FAST = ["--spacing", "8", "--patch", "16", "--batch-size", "1", "--steps-per-epoch", "2", "--workers", "0",
+        "--device", "cpu"]
+
+
+def run_train(args, tmp_path):
+    return train.main(train.parse_args([*FAST, "--out", str(tmp_path / "runs"), *args]))
+
+
+def test_two_epochs_write_loadable_checkpoints(tiny_dataset, tmp_path):
+    summary = run_train(["--data", str(tiny_dataset), "--epochs", "2", "--run", "r"], tmp_path)
+    run = tmp_path / "runs" / "r"
+    for name in ("best.pt", "last.pt", "metrics.csv", "metrics.json", "curves.png"):
+        assert (run / name).exists(), name
+    last = torch.load(run / "last.pt", weights_only=True)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert last["epoch"] == 1 and len(last["history"]) == 2
+    for key in ("model", "model_config", "preprocessing", "labels", "metrics", "train_config"):
+        assert key in best
+    assert best["labels"]["2"] == "right_kidney"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"liver", "right_kidney", "left_kidney", "spleen", "mean"} <= set(metrics)
+    assert summary["mean"] == metrics["mean"]
+
+
+def test_early_stopping_fires(tiny_dataset, tmp_path):
+    # lr 0: nothing improves after the first epoch, so patience 1 stops at epoch 2 of 6.
+    summary = run_train(["--data", str(tiny_dataset), "--epochs", "6", "--patience", "1", "--lr", "1e-12",
+                         "--warmup-epochs", "0", "--run", "es"], tmp_path)
+    assert summary["stopped"].startswith("early stop") and summary["epochs_run"] == 2
+
+
+def test_resume_continues_from_saved_epoch(tiny_dataset, tmp_path):
+    run_train(["--data", str(tiny_dataset), "--epochs", "1", "--run", "res"], tmp_path)
+    run = tmp_path / "runs" / "res"
+    summary = train.main(train.parse_args(["--resume", str(run), "--epochs", "3"]))
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and [h["epoch"] for h in last["history"]] == [1, 2, 3]
+    assert summary["epochs_run"] == 3
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_end_to_end(tiny_dataset, tmp_path):
+    r = _cli([*FAST, "--data", str(tiny_dataset), "--epochs", "1", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Best validation Dice" in r.stdout and "right_kidney" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_labels", "bad_values"])
+def test_bad_data_is_one_line_exit_1(case, tmp_path, tiny_dataset):
+    import shutil
+
+    data = tmp_path / "d"
+    if case == "empty":
+        data.mkdir()
+    elif case in ("no_labels", "bad_values"):
+        shutil.copytree(tiny_dataset, data)
+        if case == "no_labels":
+            shutil.rmtree(data / "labelsTr")
+            (data / "labelsTr").mkdir()
+        else:
+            import nibabel as nib
+
+            path = data / "labelsTr" / "phantom_002.nii.gz"
+            img = nib.load(path)
+            arr = img.get_fdata().astype("uint8")
+            arr[0, 0, 0] = 9
+            nib.save(nib.Nifti1Image(arr, img.affine), path)
+    r = _cli(["--data", str(data), "--out", str(tmp_path / "o"), *FAST], tmp_path)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert str(data) in lines[0]
+    assert "Traceback" not in r.stderr
