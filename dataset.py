@@ -134,11 +134,11 @@ def load_case(case: CasePaths, prep: Preprocessing, label_map: str) -> Volume:
     image, info = preprocess_image(hu, affine, prep, normalize=False)
     image = image.clamp(*prep.clip).numpy()
     label = preprocess_label(label, info)
-    box = body_box(image, label)
+    box = body_box(image, label, prep.clip[0] + 50.0)
     return Volume(case.name, np.ascontiguousarray(image[box]), np.ascontiguousarray(label[box]))
 
 
-def body_box(image: np.ndarray, label: np.ndarray, hu: float = -500.0, margin: int = 4
+def body_box(image: np.ndarray, label: np.ndarray, hu: float, margin: int = 4
              ) -> tuple[slice, slice, slice]:
     """Bounding box of the body (voxels above hu, and all labels) plus a margin: the air around a
     patient carries no training signal and costs a third or more of every validation pass."""

@@ -27,6 +27,11 @@ class VNetConfig:
     norm: str = "batch"  # "batch", "instance", "group" or "none"
     activation: str = "prelu"  # "prelu" (paper), "relu", "leakyrelu" or "elu"
     dropout: float = 0.0  # 3D dropout probability in the two deepest stages (paper: none stated)
+    # "conv": the Caffe release's head, a kernel_size convolution down to one channel per class,
+    # norm, activation, then 1x1x1 (MONAI's too); "linear": the paper's figure, a 1x1x1 convolution
+    # straight from the last stage. The conv head squeezes everything through a rectified
+    # 5-channel bottleneck, which makes small organs appear late in short CPU runs.
+    head: str = "conv"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -51,7 +56,7 @@ PRESETS: dict[str, VNetConfig] = {
     # The paper's network: 5x5x5 kernels, widths 16..256, about 45.6 M parameters.
     "vnet": VNetConfig(),
     # Same topology at half the width and 3x3x3 kernels, for CPUs: about 2.5 M parameters.
-    "small": VNetConfig(base_width=8, kernel_size=3, activation="leakyrelu"),
+    "small": VNetConfig(base_width=8, kernel_size=3, activation="leakyrelu", head="linear"),
 }
 
 
@@ -153,12 +158,15 @@ class UpStage(nn.Module):
 
 
 class OutputStage(nn.Module):
-    """A convolution to one channel per class, then a 1x1x1 convolution to the logits."""
+    """Logits per class: a 1x1x1 convolution, preceded by a convolution to one channel per class
+    with head="conv"."""
 
     def __init__(self, cin: int, cfg: VNetConfig):
         super().__init__()
-        self.conv = ConvNormAct(cin, cfg.num_classes, cfg)
-        self.head = nn.Conv3d(cfg.num_classes, cfg.num_classes, 1)
+        if cfg.head not in ("conv", "linear"):
+            raise ValueError(f"unknown head {cfg.head!r}: use conv or linear")
+        self.conv = ConvNormAct(cin, cfg.num_classes, cfg) if cfg.head == "conv" else nn.Identity()
+        self.head = nn.Conv3d(cfg.num_classes if cfg.head == "conv" else cin, cfg.num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv(x))
