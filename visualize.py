@@ -47,11 +47,12 @@ COLORS: dict[str, tuple[float, float, float]] = {
 BODY_COLOR = (0.92, 0.76, 0.66)
 BONE_COLOR = (0.93, 0.91, 0.83)
 BACKGROUND, BACKGROUND_TOP = "#d5dbe3", "white"
-# The legend's box, as a fraction of its pane, in the pane's upper right corner 5% from the edges.
-LEGEND_SIZE = (0.27, 0.2)
 AXES_VIEWPORT = (0.0, 0.0, 0.16, 0.26)  # the R/A/S marker, lower left of the pane
 BODY_HU, BONE_HU = -300.0, 250.0  # isosurfaces of the --ct context
 CT_MM = 3.0  # the --ct context is block-averaged to about this voxel size
+# Multisampling: 4 samples smooth the edges; pyvista's default 8 costs ~2x the frame time, and its
+# FXAA turns into costly SSAA when VTK renders through EGL or OSMesa.
+MSAA = 4
 MAX_TRIANGLES = 40_000  # per organ after decimation: smooth at 1080p, fast to draw
 ALIASES = {"kidney_right": "right_kidney", "kidney_left": "left_kidney"}
 
@@ -229,13 +230,11 @@ def context_surfaces(ct_path: str | Path, smooth_iter: int) -> list[tuple[str, o
         out.append(("body", finish_mesh(skin, smooth_iter, 60_000)))
     bone = isosurface(ndimage.gaussian_filter(coarse, 0.6), BONE_HU, affine, factors, fill=float(coarse.min()))
     if bone is not None:
-        bone = bone.connectivity("all")
-        sizes = np.bincount(bone.point_data["RegionId"])
+        sizes = np.bincount(bone.connectivity("all").point_data["RegionId"])
         keep = np.flatnonzero(sizes >= 200)  # drops specks: calcifications, contrast, noise
-        bone = bone.extract_points(np.isin(bone.point_data["RegionId"], keep), adjacent_cells=False)
-        bone = bone.extract_surface(algorithm="dataset_surface")
-        if bone.n_cells:
-            out.append(("bone", finish_mesh(bone.clean(), smooth_iter, 120_000)))
+        if keep.size:
+            bone = bone.connectivity("specified", region_ids=keep)
+            out.append(("bone", finish_mesh(bone, smooth_iter, 120_000)))
     return out
 
 
@@ -249,7 +248,7 @@ class Pane:
 
     title: str
     organs: dict[str, object]
-    legend: list[tuple[str, tuple[float, float, float]]]
+    legend: list[tuple[str, str, tuple[float, float, float]]]
     context: list[tuple[str, object]] = field(default_factory=list)
 
 
@@ -260,6 +259,76 @@ def _use_headless_gl() -> None:
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 
+def legend_font(pane_px: tuple[int, int]) -> int:
+    """Legend text height (pixels) for a pane of (width, height) pixels."""
+    return max(9, round(min(0.03 * pane_px[1], 0.026 * pane_px[0])))
+
+
+def legend_rect(n_lines: int, value_chars: int, pane_px: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1), origin at the pane's lower left, of a legend of n_lines whose
+    value column is value_chars wide, in the pane's upper right corner."""
+    font = legend_font(pane_px)
+    char = 0.58 * font  # a generous mean glyph width of Arial
+    width = font * 3.2 + char * (max(len(pretty(o)) for o in ORGANS) + value_chars)
+    height = n_lines * font * 1.5 + font
+    x1, y1 = pane_px[0] - font // 2, pane_px[1] - font // 2
+    return round(x1 - width), round(y1 - height), x1, y1
+
+
+def _add_text(plotter, text: str, x: float, y: float, font: int, color: str = "#202326", right: bool = False,
+              bold: bool = False) -> None:
+    """Text whose left (or right) end and vertical middle sit at pixel (x, y) of the pane."""
+    from vtkmodules.vtkRenderingCore import vtkTextActor
+
+    actor = vtkTextActor()
+    actor.SetInput(text)
+    prop = actor.GetTextProperty()
+    prop.SetFontFamilyToArial()
+    prop.SetFontSize(font)
+    prop.SetBold(bold)
+    prop.SetColor(*_rgb(color))
+    prop.SetVerticalJustificationToCentered()
+    if right:
+        prop.SetJustificationToRight()
+    actor.SetPosition(x, y)
+    plotter.add_actor(actor, reset_camera=False, pickable=False)
+
+
+def _add_box(plotter, box: tuple[float, float, float, float], color, opacity: float = 1.0) -> None:
+    """A filled rectangle (x0, y0, x1, y1) in pixels of the pane, drawn over the scene."""
+    import pyvista as pv
+    from vtkmodules.vtkRenderingCore import vtkActor2D, vtkPolyDataMapper2D
+
+    x0, y0, x1, y1 = box
+    corners = np.array([[x0, y0, 0], [x1, y0, 0], [x1, y1, 0], [x0, y1, 0]], dtype=np.float64)
+    mapper = vtkPolyDataMapper2D()
+    mapper.SetInputData(pv.PolyData(corners, faces=[4, 0, 1, 2, 3]))
+    actor = vtkActor2D()
+    actor.SetMapper(mapper)
+    actor.GetProperty().SetColor(*_rgb(color))
+    actor.GetProperty().SetOpacity(opacity)
+    plotter.add_actor(actor, reset_camera=False, pickable=False)
+
+
+def _rgb(color) -> tuple[float, float, float]:
+    import pyvista as pv
+
+    return tuple(pv.Color(color).float_rgb)
+
+
+def add_legend(plotter, lines: list[tuple[str, str, tuple[float, float, float]]], pane_px: tuple[int, int]) -> None:
+    """A legend of (organ, value text, colour) lines: a colour square, the name, the value
+    right-aligned; in the pane's upper right corner, on a translucent white card."""
+    font = legend_font(pane_px)
+    x0, y0, x1, y1 = legend_rect(len(lines), max(len(v) for _, v, _ in lines), pane_px)
+    _add_box(plotter, (x0, y0, x1, y1), "white", 0.82)
+    for k, (name, value, color) in enumerate(lines):
+        y = y1 - font - k * font * 1.5
+        _add_box(plotter, (x0 + font * 0.6, y - font * 0.4, x0 + font * 1.4, y + font * 0.4), color)
+        _add_text(plotter, name, x0 + font * 1.8, y, font)
+        _add_text(plotter, value, x1 - font * 0.6, y, font, right=True)
+
+
 def make_plotter(panes: list[Pane], size: tuple[int, int]):
     """An off-screen pyvista.Plotter with one viewport per pane, side by side, sharing one camera."""
     _use_headless_gl()
@@ -267,14 +336,18 @@ def make_plotter(panes: list[Pane], size: tuple[int, int]):
 
     pv.OFF_SCREEN = True
     try:
-        plotter = pv.Plotter(off_screen=True, window_size=list(size), shape=(1, len(panes)), border=False)
+        theme = pv.themes.Theme()
+        theme.multi_samples = MSAA
+        plotter = pv.Plotter(off_screen=True, window_size=list(size), shape=(1, len(panes)), border=False,
+                             theme=theme)
     except Exception as e:  # VTK raises bare RuntimeErrors when no OpenGL context can be made
         raise UserError(f"cannot open an off-screen OpenGL context ({type(e).__name__}: {e}); install "
                         f"EGL or OSMesa (Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri)") from None
-    scale = size[1] / 720.0
     for k, pane in enumerate(panes):
         plotter.subplot(0, k)
         plotter.set_background(BACKGROUND, top=BACKGROUND_TOP)
+        # Translucency is blended without depth peeling: with multisampling under EGL, depth peeling
+        # drops translucent surfaces altogether.
         for name, mesh in pane.context:
             if name == "body":
                 plotter.add_mesh(mesh, color=BODY_COLOR, opacity=0.12, smooth_shading=True, specular=0.1)
@@ -283,16 +356,13 @@ def make_plotter(panes: list[Pane], size: tuple[int, int]):
         for organ, mesh in pane.organs.items():
             plotter.add_mesh(mesh, color=COLORS[organ], smooth_shading=True, specular=0.35, specular_power=20,
                              ambient=0.12, diffuse=0.85)
-        plotter.add_text(pane.title, position="upper_left", font_size=max(8, int(round(13 * scale))),
-                         color="#222222")
+        pane_px = (size[0] // len(panes), size[1])
+        font = legend_font(pane_px)
+        _add_text(plotter, pane.title, font // 2, size[1] - font, round(font * 1.15), bold=True)
         if pane.legend:
-            plotter.add_legend([[text, color] for text, color in pane.legend], bcolor="white", border=True,
-                               size=LEGEND_SIZE, loc="upper right", face="rectangle", background_opacity=0.85)
+            add_legend(plotter, pane.legend, pane_px)
         plotter.add_axes(xlabel="R", ylabel="A", zlabel="S", line_width=3, viewport=AXES_VIEWPORT,
                          interactive=False)
-    if any(p.context for p in panes):
-        plotter.enable_depth_peeling(number_of_peels=4)
-    plotter.enable_anti_aliasing("fxaa", all_renderers=True)
     if len(panes) > 1:
         plotter.link_views()
     return plotter
@@ -307,6 +377,7 @@ class Orbit:
     distance: float
     reach: float  # radius (mm) of a sphere around centre holding the scene
     elevation: float = 0.0
+    top: float = 0.0  # fraction of the pane's height kept free at the top (title and legend)
 
     def place(self, plotter, azimuth_deg: float) -> None:
         az, el = math.radians(azimuth_deg), math.radians(self.elevation)
@@ -316,13 +387,15 @@ class Orbit:
             cam.focal_point = tuple(self.centre)
             cam.position = tuple(self.centre + self.distance * direction)
             cam.up = (0.0, 0.0, 1.0)
+            cam.SetWindowCenter(0.0, self.top)  # centres the scene in the free part of the pane
             cam.clipping_range = (max(self.distance - 1.5 * self.reach, 1.0), self.distance + 1.5 * self.reach)
 
 
-def fit_orbit(meshes: list, size: tuple[int, int], panes: int, elevation: float, view_angle: float = 30.0,
-              fill: float = 0.8) -> Orbit:
+def fit_orbit(meshes: list, size: tuple[int, int], panes: int, elevation: float, top: float = 0.0,
+              view_angle: float = 30.0, fill: float = 0.9) -> Orbit:
     """An orbit whose distance keeps every mesh in view at every azimuth: the scene seen as a
-    cylinder about the z axis, fitted to fill (fraction) of the pane's height or width."""
+    cylinder about the z axis, fitted to fill (fraction) of the pane's width or of its height below
+    the top fraction kept free."""
     points = np.concatenate([np.asarray(m.points) for m in meshes])
     lo, hi = points.min(0), points.max(0)
     centre = (lo + hi) / 2.0
@@ -331,9 +404,9 @@ def fit_orbit(meshes: list, size: tuple[int, int], panes: int, elevation: float,
     half_height = half_height * math.cos(math.radians(elevation)) + radius * abs(math.sin(math.radians(elevation)))
     tan_v = math.tan(math.radians(view_angle) / 2.0) * fill
     aspect = size[0] / panes / size[1]
-    distance = radius + max(half_height / tan_v, radius / (tan_v * aspect))
+    distance = radius + max(half_height / (tan_v * (1.0 - top)), radius / (tan_v * aspect))
     reach = float(np.sqrt(((points - centre) ** 2).sum(1)).max())
-    return Orbit(centre, distance, reach, elevation)
+    return Orbit(centre, distance, reach, elevation, top)
 
 
 def render_frames(plotter, orbit: Orbit, azimuths: Iterable[float]) -> Iterator[np.ndarray]:
@@ -505,13 +578,14 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def legend_lines(surfaces: dict, volumes: dict[str, float], organs: list[str],
-                 dice: dict[str, float] | None = None) -> list[tuple[str, tuple[float, float, float]]]:
+                 dice: dict[str, float] | None = None) -> list[tuple[str, str, tuple[float, float, float]]]:
+    """(name, 'volume mL[  Dice d]' or 'absent', colour) per organ."""
     lines = []
     for organ in organs:
-        text = f"{pretty(organ)}  {volumes[organ]:,.0f} mL" if organ in surfaces else f"{pretty(organ)}  absent"
+        value = f"{volumes[organ]:,.0f} mL" if organ in surfaces else "absent"
         if dice is not None:
-            text += f"  Dice {dice[organ]:.2f}"
-        lines.append((text, COLORS[organ]))
+            value += f"   Dice {dice[organ]:.2f}"
+        lines.append((pretty(organ), value, COLORS[organ]))
     return lines
 
 
@@ -577,7 +651,9 @@ def main(args: argparse.Namespace) -> None:
         shown = [m for p in panes for m in p.organs.values()] + [m for _, m in panes[0].context]
         plotter = make_plotter(panes, size)
         try:
-            orbit = fit_orbit(shown, size, len(panes), args.elevation)
+            pane_px = (size[0] // len(panes), size[1])
+            top = 1.0 - legend_rect(len(panes[0].legend), 0, pane_px)[1] / pane_px[1]
+            orbit = fit_orbit(shown, size, len(panes), args.elevation, top)
             if args.png:
                 write_png(Path(args.png), next(render_frames(plotter, orbit, [args.angle])))
                 written.append(args.png)

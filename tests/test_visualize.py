@@ -60,8 +60,8 @@ def organ_pixels(image: np.ndarray, panes: int = 1, pane: int = 0) -> dict[str, 
     view = image[:, pane * pw:(pane + 1) * pw].astype(np.float64) / 255.0
     hsv = rgb_to_hsv(view)
     scene = np.ones((h, pw), dtype=bool)
-    lw, lh = visualize.LEGEND_SIZE
-    scene[: int(np.ceil(h * (lh + 0.06))), int(pw * (1 - lw - 0.06)):] = False
+    x0, y0, _, _ = visualize.legend_rect(4, len("12,345 mL   Dice 0.00"), (pw, h))  # the widest legend
+    scene[: h - y0 + 2, max(0, x0 - 2):] = False
     x0, y0, x1, y1 = visualize.AXES_VIEWPORT
     scene[int(h * (1 - y1)) - 2:, : int(np.ceil(pw * x1)) + 2] = False
     out = {}
