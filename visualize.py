@@ -50,9 +50,10 @@ BACKGROUND, BACKGROUND_TOP = "#d5dbe3", "white"
 AXES_VIEWPORT = (0.0, 0.0, 0.16, 0.26)  # the R/A/S marker, lower left of the pane
 BODY_HU, BONE_HU = -300.0, 250.0  # isosurfaces of the --ct context
 CT_MM = 3.0  # the --ct context is block-averaged to about this voxel size
-# Multisampling: 4 samples smooth the edges; pyvista's default 8 costs ~2x the frame time, and its
-# FXAA turns into costly SSAA when VTK renders through EGL or OSMesa.
-MSAA = 4
+# Edge smoothing, and its cost per 1280x720 frame with software OpenGL (llvmpipe, 2 cores) over
+# ~0.15 s without: fxaa +0.2 s (set on the renderers directly: pyvista would swap it for far
+# costlier SSAA under EGL), msaa (4 samples) +0.35 s.
+ANTIALIAS = ("fxaa", "msaa", "none")
 MAX_TRIANGLES = 40_000  # per organ after decimation: smooth at 1080p, fast to draw
 ALIASES = {"kidney_right": "right_kidney", "kidney_left": "left_kidney"}
 
@@ -115,15 +116,18 @@ def _translate(affine: np.ndarray, offset: Iterable[int]) -> np.ndarray:
 
 
 def block_mean(volume: np.ndarray, factors: Iterable[int]) -> np.ndarray:
-    """(X, Y, Z) -> float32 mean of each fx*fy*fz block; the volume is zero-padded to whole blocks."""
+    """(X, Y, Z) -> float32 mean of each fx*fy*fz block; blocks cut by the volume's far edges
+    average the voxels they hold."""
     f = [int(v) for v in factors]
+    if f == [1, 1, 1]:
+        return volume.astype(np.float32)
     shape = [math.ceil(n / k) * k for n, k in zip(volume.shape, f)]
-    if list(volume.shape) != shape:
-        padded = np.zeros(shape, dtype=np.float32)
-        padded[tuple(slice(0, n) for n in volume.shape)] = volume
-        volume = padded
-    blocks = volume.reshape(shape[0] // f[0], f[0], shape[1] // f[1], f[1], shape[2] // f[2], f[2])
-    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+    padded = np.zeros(shape, dtype=np.float32)
+    padded[tuple(slice(0, n) for n in volume.shape)] = volume
+    blocks = padded.reshape(shape[0] // f[0], f[0], shape[1] // f[1], f[1], shape[2] // f[2], f[2])
+    sums = blocks.sum(axis=(1, 3, 5), dtype=np.float32)
+    counts = [np.minimum(k, n - k * np.arange(m // k)) for n, k, m in zip(volume.shape, f, shape)]
+    return sums / (counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :])
 
 
 def block_factors(affine: np.ndarray, voxel_mm: float) -> np.ndarray:
@@ -146,7 +150,11 @@ def isosurface(volume: np.ndarray, level: float, affine: np.ndarray, factors: It
     padded = np.pad(volume.astype(np.float32, copy=False), 1, constant_values=fill)
     if not (padded.min() < level < padded.max()):
         return None
-    verts, faces, _, _ = marching_cubes(padded, level, allow_degenerate=False)
+    if np.any(padded == level):
+        # Block means often sit exactly on 0.5: such voxels make zero-area triangles, and dropping
+        # those leaves holes. A level a hair lower keeps the surface closed and manifold.
+        level -= 1e-3 * float(padded.max() - padded.min())
+    verts, faces, _, _ = marching_cubes(padded, level)
     if len(faces) == 0:
         return None
     ijk = f * (verts - 1.0) + (f - 1.0) / 2.0
@@ -160,13 +168,13 @@ def isosurface(volume: np.ndarray, level: float, affine: np.ndarray, factors: It
 def finish_mesh(mesh, smooth_iter: int, max_triangles: int = MAX_TRIANGLES):
     """Taubin smoothing (no shrinkage), decimation to max_triangles, point normals."""
     if smooth_iter > 0:
-        mesh = mesh.smooth_taubin(n_iter=smooth_iter, pass_band=0.05)
+        mesh = mesh.smooth_taubin(n_iter=smooth_iter, pass_band=0.02)
     if mesh.n_cells > max_triangles:
         mesh = mesh.decimate(1.0 - max_triangles / mesh.n_cells, volume_preservation=True)
     return mesh.compute_normals(split_vertices=False, consistent_normals=False, auto_orient_normals=False)
 
 
-def mask_surface(mask: np.ndarray, affine: np.ndarray, voxel_mm: float = 1.2, smooth_iter: int = 20,
+def mask_surface(mask: np.ndarray, affine: np.ndarray, voxel_mm: float = 1.2, smooth_iter: int = 50,
                  max_triangles: int = MAX_TRIANGLES):
     """Closed smoothed surface (pyvista.PolyData, world RAS mm) of a binary mask (X, Y, Z) on the
     grid of affine (4, 4), or None when the mask is empty. Every connected piece is kept."""
@@ -329,7 +337,7 @@ def add_legend(plotter, lines: list[tuple[str, str, tuple[float, float, float]]]
         _add_text(plotter, value, x1 - font * 0.6, y, font, right=True)
 
 
-def make_plotter(panes: list[Pane], size: tuple[int, int]):
+def make_plotter(panes: list[Pane], size: tuple[int, int], antialias: str = "fxaa"):
     """An off-screen pyvista.Plotter with one viewport per pane, side by side, sharing one camera."""
     _use_headless_gl()
     import pyvista as pv
@@ -337,15 +345,18 @@ def make_plotter(panes: list[Pane], size: tuple[int, int]):
     pv.OFF_SCREEN = True
     try:
         theme = pv.themes.Theme()
-        theme.multi_samples = MSAA
+        theme.multi_samples = 4 if antialias == "msaa" else 0
+        # One light that follows the camera, a little above it: software OpenGL shades each pixel
+        # once per light, and pyvista's default five-light kit costs ~70% more per frame.
         plotter = pv.Plotter(off_screen=True, window_size=list(size), shape=(1, len(panes)), border=False,
-                             theme=theme)
+                             theme=theme, lighting="none")
     except Exception as e:  # VTK raises bare RuntimeErrors when no OpenGL context can be made
         raise UserError(f"cannot open an off-screen OpenGL context ({type(e).__name__}: {e}); install "
                         f"EGL or OSMesa (Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri)") from None
     for k, pane in enumerate(panes):
         plotter.subplot(0, k)
         plotter.set_background(BACKGROUND, top=BACKGROUND_TOP)
+        plotter.add_light(pv.Light(position=(0.0, 0.35, 1.0), light_type="camera light", intensity=1.0))
         # Translucency is blended without depth peeling: with multisampling under EGL, depth peeling
         # drops translucent surfaces altogether.
         for name, mesh in pane.context:
@@ -363,6 +374,7 @@ def make_plotter(panes: list[Pane], size: tuple[int, int]):
             add_legend(plotter, pane.legend, pane_px)
         plotter.add_axes(xlabel="R", ylabel="A", zlabel="S", line_width=3, viewport=AXES_VIEWPORT,
                          interactive=False)
+        plotter.renderer.SetUseFXAA(antialias == "fxaa")
     if len(panes) > 1:
         plotter.link_views()
     return plotter
@@ -541,7 +553,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--elevation", type=float, default=0.0, help="camera height above the axial plane (degrees)")
     p.add_argument("--voxel-mm", type=float, default=1.2,
                    help="grid (mm) the masks are block-averaged to before marching cubes; 0 keeps the input grid")
-    p.add_argument("--smooth", type=int, default=20, help="Taubin smoothing iterations (0: none)")
+    p.add_argument("--smooth", type=int, default=50, help="Taubin smoothing iterations (0: none)")
+    p.add_argument("--antialias", choices=ANTIALIAS, default="fxaa",
+                   help="edge smoothing: fxaa (cheap), msaa (4x multisampling, slower), none (fastest)")
     p.add_argument("--title", help="title of the view (default: the input file name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p.parse_args(argv)
@@ -649,7 +663,7 @@ def main(args: argparse.Namespace) -> None:
     written = [f"{args.mesh}/ ({len(surfaces)} {args.mesh_format.upper()} meshes)"] if args.mesh else []
     if args.output or args.png:
         shown = [m for p in panes for m in p.organs.values()] + [m for _, m in panes[0].context]
-        plotter = make_plotter(panes, size)
+        plotter = make_plotter(panes, size, args.antialias)
         try:
             pane_px = (size[0] // len(panes), size[1])
             top = 1.0 - legend_rect(len(panes[0].legend), 0, pane_px)[1] / pane_px[1]
