@@ -47,7 +47,7 @@ COLORS: dict[str, tuple[float, float, float]] = {
 BODY_COLOR = (0.92, 0.76, 0.66)
 BONE_COLOR = (0.93, 0.91, 0.83)
 BACKGROUND, BACKGROUND_TOP = "#d5dbe3", "white"
-AXES_VIEWPORT = (0.0, 0.0, 0.16, 0.26)  # the R/A/S marker, lower left of the pane
+AXES_VIEWPORT = (0.0, 0.0, 0.18, 0.3)  # the R/A/S marker, lower left of the pane
 BODY_HU, BONE_HU = -300.0, 250.0  # isosurfaces of the --ct context
 CT_MM = 3.0  # the --ct context is block-averaged to about this voxel size
 # Edge smoothing, and its cost per 1280x720 frame with software OpenGL (llvmpipe, 2 cores) over
@@ -372,8 +372,8 @@ def make_plotter(panes: list[Pane], size: tuple[int, int], antialias: str = "fxa
         _add_text(plotter, pane.title, font // 2, size[1] - font, round(font * 1.15), bold=True)
         if pane.legend:
             add_legend(plotter, pane.legend, pane_px)
-        plotter.add_axes(xlabel="R", ylabel="A", zlabel="S", line_width=3, viewport=AXES_VIEWPORT,
-                         interactive=False)
+        plotter.add_axes(xlabel="R", ylabel="A", zlabel="S", line_width=4, viewport=AXES_VIEWPORT,
+                         interactive=False, label_size=(0.4, 0.16), color="#202326")
         plotter.renderer.SetUseFXAA(antialias == "fxaa")
     if len(panes) > 1:
         plotter.link_views()
