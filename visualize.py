@@ -356,14 +356,16 @@ def make_plotter(panes: list[Pane], size: tuple[int, int], antialias: str = "fxa
     for k, pane in enumerate(panes):
         plotter.subplot(0, k)
         plotter.set_background(BACKGROUND, top=BACKGROUND_TOP)
-        plotter.add_light(pv.Light(position=(0.0, 0.35, 1.0), light_type="camera light", intensity=1.0))
+        plotter.add_light(pv.Light(position=(0.0, 0.35, 1.0), light_type="camera light"), only_active=True)
         # Translucency is blended without depth peeling: with multisampling under EGL, depth peeling
-        # drops translucent surfaces altogether.
+        # drops translucent surfaces altogether. Only the body's far side is drawn, a backdrop that
+        # outlines the body without veiling the organs' colours.
         for name, mesh in pane.context:
             if name == "body":
-                plotter.add_mesh(mesh, color=BODY_COLOR, opacity=0.12, smooth_shading=True, specular=0.1)
+                plotter.add_mesh(mesh, color=BODY_COLOR, opacity=0.25, smooth_shading=True, culling="front",
+                                 ambient=0.3)
             else:
-                plotter.add_mesh(mesh, color=BONE_COLOR, opacity=0.45, smooth_shading=True, specular=0.2)
+                plotter.add_mesh(mesh, color=BONE_COLOR, opacity=0.5, smooth_shading=True, specular=0.2)
         for organ, mesh in pane.organs.items():
             plotter.add_mesh(mesh, color=COLORS[organ], smooth_shading=True, specular=0.35, specular_power=20,
                              ambient=0.12, diffuse=0.85)
@@ -373,7 +375,7 @@ def make_plotter(panes: list[Pane], size: tuple[int, int], antialias: str = "fxa
         if pane.legend:
             add_legend(plotter, pane.legend, pane_px)
         plotter.add_axes(xlabel="R", ylabel="A", zlabel="S", line_width=4, viewport=AXES_VIEWPORT,
-                         interactive=False, label_size=(0.4, 0.16), color="#202326")
+                         interactive=False, label_size=(0.35, 0.14), color="#202326")
         plotter.renderer.SetUseFXAA(antialias == "fxaa")
     if len(panes) > 1:
         plotter.link_views()
@@ -520,8 +522,9 @@ def check_folder(folder: Path, flag: str, path: Path) -> None:
     if not folder.is_dir():
         raise UserError(f"{flag} {path}: the folder {folder} does not exist; create it first")
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        fd, probe = tempfile.mkstemp(prefix=".visualize-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
 

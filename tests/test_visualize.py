@@ -176,6 +176,37 @@ def test_reference_side_by_side_and_ct_context(phantom_files, tmp_path):
     assert read_png(ct_png).shape == (240, 320, 3)
 
 
+def test_reference_shows_what_the_prediction_misses(phantom_files, tmp_path):
+    import nibabel as nib
+
+    img = nib.load(phantom_files["label"])
+    pred = np.asarray(img.dataobj).copy()
+    pred[pred == 4] = 0  # the prediction misses the spleen
+    save_nifti(tmp_path / "pred.nii.gz", pred, img.affine)
+    png = tmp_path / "compare.png"
+    run("--input", tmp_path / "pred.nii.gz", "--reference", phantom_files["label"], "--png", png, "--size", "480x240")
+    still = read_png(png)
+    assert organ_pixels(still, panes=2, pane=0)["spleen"].size == 0
+    assert organ_pixels(still, panes=2, pane=1)["spleen"].size > 20
+    with pytest.raises(UserError, match="no voxels of spleen in either"):
+        run("--input", tmp_path / "pred.nii.gz", "--reference", tmp_path / "pred.nii.gz", "--png", png,
+            "--organs", "liver,spleen")
+
+
+def test_ct_of_another_patient_is_refused(phantom_files, tmp_path):
+    import nibabel as nib
+
+    img = nib.load(phantom_files["ct"])
+    moved = img.affine.copy()
+    moved[:3, 3] += 1000.0  # a CT somewhere else in the scanner's space
+    save_nifti(tmp_path / "far.nii.gz", np.asarray(img.dataobj), moved)
+    with pytest.raises(UserError, match="lies outside this CT's body"):
+        run("--input", phantom_files["label"], "--ct", tmp_path / "far.nii.gz", "--png", tmp_path / "a.png")
+    with pytest.raises(UserError, match="is this a CT in HU"):
+        run("--input", phantom_files["label"], "--ct", phantom_files["label"], "--png", tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+
+
 def test_context_surfaces_of_a_ct(phantom_files):
     context = dict(visualize.context_surfaces(phantom_files["ct"], smooth_iter=10))
     assert set(context) == {"body", "bone"}
@@ -264,17 +295,27 @@ def test_error_is_one_line_and_exit_1(tmp_path, capsys):
 
 def test_read_only_folder(phantom_files, tmp_path):
     import os
+    import tempfile
 
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into read-only folders; sysfs refuses even root
+        folder = Path("/sys")
     try:
-        with pytest.raises(UserError, match="cannot write in"):
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+            pytest.skip(f"{folder} is writable here")
+        except OSError:
+            pass
+        with pytest.raises(UserError, match=f"cannot write in {folder}"):
             run("--input", phantom_files["label"], "--output", folder / "a.mp4")
+        with pytest.raises(UserError, match=f"cannot write in {folder}"):
+            run("--input", phantom_files["label"], "--mesh", folder / "meshes")
     finally:
-        folder.chmod(0o755)
+        (tmp_path / "ro").chmod(0o755)
 
 
 def test_no_partial_video_when_rendering_fails(phantom_files, tmp_path, monkeypatch):
