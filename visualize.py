@@ -165,19 +165,26 @@ def isosurface(volume: np.ndarray, level: float, affine: np.ndarray, factors: It
     return pv.PolyData.from_regular_faces(xyz, faces)
 
 
-def finish_mesh(mesh, smooth_iter: int, max_triangles: int = MAX_TRIANGLES):
-    """Taubin smoothing (no shrinkage), decimation to max_triangles, point normals."""
+def finish_mesh(mesh, smooth_iter: int):
+    """Taubin smoothing (no shrinkage, keeps the topology) and point normals."""
     if smooth_iter > 0:
         mesh = mesh.smooth_taubin(n_iter=smooth_iter, pass_band=0.02)
-    if mesh.n_cells > max_triangles:
-        mesh = mesh.decimate(1.0 - max_triangles / mesh.n_cells, volume_preservation=True)
     return mesh.compute_normals(split_vertices=False, consistent_normals=False, auto_orient_normals=False)
 
 
-def mask_surface(mask: np.ndarray, affine: np.ndarray, voxel_mm: float = 1.2, smooth_iter: int = 50,
-                 max_triangles: int = MAX_TRIANGLES):
-    """Closed smoothed surface (pyvista.PolyData, world RAS mm) of a binary mask (X, Y, Z) on the
-    grid of affine (4, 4), or None when the mask is empty. Every connected piece is kept."""
+def display_mesh(mesh, max_triangles: int = MAX_TRIANGLES):
+    """A lighter copy to draw: decimated to max_triangles. Quadric decimation may leave a stray
+    non-manifold edge, harmless on screen, which is why exported meshes are never decimated."""
+    if mesh.n_cells <= max_triangles:
+        return mesh
+    mesh = mesh.decimate(1.0 - max_triangles / mesh.n_cells, volume_preservation=True)
+    return mesh.compute_normals(split_vertices=False, consistent_normals=False, auto_orient_normals=False)
+
+
+def mask_surface(mask: np.ndarray, affine: np.ndarray, voxel_mm: float = 1.2, smooth_iter: int = 50):
+    """Closed, manifold, smoothed surface (pyvista.PolyData, world RAS mm, outward point normals)
+    of a binary mask (X, Y, Z) on the grid of affine (4, 4), or None when the mask is empty. Every
+    connected piece is kept, each closed."""
     from scipy import ndimage
 
     boxes = ndimage.find_objects(mask.astype(np.uint8, copy=False))
@@ -187,7 +194,7 @@ def mask_surface(mask: np.ndarray, affine: np.ndarray, voxel_mm: float = 1.2, sm
     factors = block_factors(affine, voxel_mm)
     frac = block_mean(mask[box], factors)
     mesh = isosurface(frac, 0.5, _translate(affine, [s.start for s in box]), factors)
-    return None if mesh is None else finish_mesh(mesh, smooth_iter, max_triangles)
+    return None if mesh is None else finish_mesh(mesh, smooth_iter)
 
 
 def organ_surfaces(labels: np.ndarray, affine: np.ndarray, organs: list[str], voxel_mm: float,
@@ -235,14 +242,14 @@ def context_surfaces(ct_path: str | Path, smooth_iter: int) -> list[tuple[str, o
     out = []
     skin = isosurface(ndimage.gaussian_filter(body.astype(np.float32), 1.0), 0.5, affine, factors)
     if skin is not None:
-        out.append(("body", finish_mesh(skin, smooth_iter, 60_000)))
+        out.append(("body", display_mesh(finish_mesh(skin, smooth_iter), 60_000)))
     bone = isosurface(ndimage.gaussian_filter(coarse, 0.6), BONE_HU, affine, factors, fill=float(coarse.min()))
     if bone is not None:
         sizes = np.bincount(bone.connectivity("all").point_data["RegionId"])
         keep = np.flatnonzero(sizes >= 200)  # drops specks: calcifications, contrast, noise
         if keep.size:
             bone = bone.connectivity("specified", region_ids=keep)
-            out.append(("bone", finish_mesh(bone, smooth_iter, 120_000)))
+            out.append(("bone", display_mesh(finish_mesh(bone, smooth_iter), 120_000)))
     return out
 
 
@@ -367,8 +374,8 @@ def make_plotter(panes: list[Pane], size: tuple[int, int], antialias: str = "fxa
             else:
                 plotter.add_mesh(mesh, color=BONE_COLOR, opacity=0.5, smooth_shading=True, specular=0.2)
         for organ, mesh in pane.organs.items():
-            plotter.add_mesh(mesh, color=COLORS[organ], smooth_shading=True, specular=0.35, specular_power=20,
-                             ambient=0.12, diffuse=0.85)
+            plotter.add_mesh(display_mesh(mesh), color=COLORS[organ], smooth_shading=True, specular=0.35,
+                             specular_power=20, ambient=0.12, diffuse=0.85)
         pane_px = (size[0] // len(panes), size[1])
         font = legend_font(pane_px)
         _add_text(plotter, pane.title, font // 2, size[1] - font, round(font * 1.15), bold=True)
