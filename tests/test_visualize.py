@@ -272,6 +272,10 @@ def test_errors(phantom_files, tmp_path):
     save_nifti(other, np.full((8, 8, 8), 7, dtype=np.uint8), np.eye(4))
     with pytest.raises(UserError, match=r"values \[7\] are not in the 'identity' label map"):
         run("--input", other, "--output", tmp_path / "a.mp4")
+    ct = tmp_path / "ct.nii.gz"
+    save_nifti(ct, np.full((8, 8, 8), -1000, dtype=np.int16), np.eye(4))
+    with pytest.raises(UserError, match="values go down to -1000, as in a CT"):
+        run("--input", ct, "--output", tmp_path / "a.mp4")
     with pytest.raises(UserError, match="the folder .*missing does not exist"):
         run("--input", phantom_files["label"], "--output", tmp_path / "missing" / "a.mp4")
     with pytest.raises(UserError, match="must end in .mp4; for a still image use --png"):
@@ -280,8 +284,8 @@ def test_errors(phantom_files, tmp_path):
         run("--input", phantom_files["label"])
     with pytest.raises(UserError, match="must be even"):
         run("--input", phantom_files["label"], "--output", tmp_path / "a.mp4", "--size", "321x240")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.nii.gz", "liver.nii.gz", "other.nii.gz",
-                                                         "probs.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "empty.nii.gz", "liver.nii.gz",
+                                                         "other.nii.gz", "probs.nii.gz"]
 
 
 def test_error_is_one_line_and_exit_1(tmp_path, capsys):
