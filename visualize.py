@@ -273,10 +273,33 @@ class Pane:
 
 
 def _use_headless_gl() -> None:
-    """Without a display, let VTK go straight to EGL (else it tries X first, warns, and then
-    falls back to EGL or OSMesa anyway)."""
-    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    """Picks VTK's OpenGL window on Linux without a display. VTK would try X first (printing a
+    warning), then EGL, then OSMesa, and crash outright when none works: EGL is chosen when its
+    library and a vendor driver load, else OSMesa, else a clear error."""
+    if not sys.platform.startswith("linux") or os.environ.get("VTK_DEFAULT_OPENGL_WINDOW"):
+        return
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return
+    import ctypes
+    import glob
+
+    def loads(*names: str) -> bool:
+        for name in names:
+            try:
+                ctypes.CDLL(name)
+                return True
+            except OSError:
+                pass
+        return False
+
+    vendors = glob.glob("/usr/share/glvnd/egl_vendor.d/*.json") + glob.glob("/etc/glvnd/egl_vendor.d/*.json")
+    if loads("libEGL.so.1") and (vendors or loads("libEGL_mesa.so.0", "libEGL_nvidia.so.0")):
+        os.environ["VTK_DEFAULT_OPENGL_WINDOW"] = "vtkEGLRenderWindow"
+    elif loads("libOSMesa.so.8", "libOSMesa.so.6", "libOSMesa.so"):
+        os.environ["VTK_DEFAULT_OPENGL_WINDOW"] = "vtkOSMesaRenderWindow"
+    else:
+        raise UserError("no display and no off-screen OpenGL (EGL or OSMesa) to render with; install one: "
+                        "apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri (Debian/Ubuntu), or libosmesa6")
 
 
 def legend_font(pane_px: tuple[int, int]) -> int:
@@ -355,16 +378,12 @@ def make_plotter(panes: list[Pane], size: tuple[int, int], antialias: str = "fxa
     import pyvista as pv
 
     pv.OFF_SCREEN = True
-    try:
-        theme = pv.themes.Theme()
-        theme.multi_samples = 4 if antialias == "msaa" else 0
-        # One light that follows the camera, a little above it: software OpenGL shades each pixel
-        # once per light, and pyvista's default five-light kit costs ~70% more per frame.
-        plotter = pv.Plotter(off_screen=True, window_size=list(size), shape=(1, len(panes)), border=False,
-                             theme=theme, lighting="none")
-    except Exception as e:  # VTK raises bare RuntimeErrors when no OpenGL context can be made
-        raise UserError(f"cannot open an off-screen OpenGL context ({type(e).__name__}: {e}); install "
-                        f"EGL or OSMesa (Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri)") from None
+    theme = pv.themes.Theme()
+    theme.multi_samples = 4 if antialias == "msaa" else 0
+    # One light that follows the camera, a little above it: software OpenGL shades each pixel once
+    # per light, and pyvista's default five-light kit costs ~70% more per frame.
+    plotter = pv.Plotter(off_screen=True, window_size=list(size), shape=(1, len(panes)), border=False,
+                         theme=theme, lighting="none")
     for k, pane in enumerate(panes):
         plotter.subplot(0, k)
         plotter.set_background(BACKGROUND, top=BACKGROUND_TOP)

@@ -322,6 +322,22 @@ def test_read_only_folder(phantom_files, tmp_path):
         (tmp_path / "ro").chmod(0o755)
 
 
+def test_missing_opengl_is_a_clear_error(monkeypatch):
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the EGL/OSMesa choice is made on Linux only")
+
+    def no_library(name, *args, **kwargs):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "VTK_DEFAULT_OPENGL_WINDOW"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    with pytest.raises(UserError, match="apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri"):
+        visualize._use_headless_gl()
+
+
 def test_no_partial_video_when_rendering_fails(phantom_files, tmp_path, monkeypatch):
     def broken(plotter, orbit, azimuths):
         for k, _ in enumerate(azimuths):
