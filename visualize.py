@@ -625,12 +625,12 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     return size
 
 
-def legend_lines(surfaces: dict, volumes: dict[str, float], organs: list[str],
+def legend_lines(volumes: dict[str, float], organs: list[str],
                  dice: dict[str, float] | None = None) -> list[tuple[str, str, tuple[float, float, float]]]:
-    """(name, 'volume mL[  Dice d]' or 'absent', colour) per organ."""
+    """(name, 'volume mL[   Dice d]' or 'absent', colour) per organ."""
     lines = []
     for organ in organs:
-        value = f"{volumes[organ]:,.0f} mL" if organ in surfaces else "absent"
+        value = f"{volumes[organ]:,.0f} mL" if volumes[organ] > 0 else "absent"
         if dice is not None:
             value += f"   Dice {dice[organ]:.2f}"
         lines.append((pretty(organ), value, COLORS[organ]))
@@ -648,6 +648,7 @@ def main(args: argparse.Namespace) -> None:
     labels, affine = read_labels(args.input, args.label_map)
     volumes = organ_volumes(labels, affine)
     present = [o for o in organs if volumes[o] > 0]
+    ref_present: list[str] = []
     if args.reference:
         ref_labels, ref_affine = read_labels(args.reference, args.reference_label_map or args.label_map,
                                              "reference label map")
@@ -672,16 +673,16 @@ def main(args: argparse.Namespace) -> None:
         print(f"note: {args.input} has no {', '.join(missing)}", file=sys.stderr)
 
     surfaces = organ_surfaces(labels, affine, organs, args.voxel_mm, args.smooth)
-    panes_organs = [o for o in organs if o in present or (args.reference and o in ref_present)]
+    panes_organs = [o for o in organs if o in present or o in ref_present]
     if args.reference:
         dice = None
         if labels.shape == ref_labels.shape and np.allclose(affine, ref_affine, atol=1e-3):
             dice = dice_per_organ(labels, ref_labels)
         ref_surfaces = organ_surfaces(ref_labels, ref_affine, organs, args.voxel_mm, args.smooth)
-        panes = [Pane("prediction", surfaces, legend_lines(surfaces, volumes, panes_organs, dice)),
-                 Pane("reference", ref_surfaces, legend_lines(ref_surfaces, ref_volumes, panes_organs))]
+        panes = [Pane("prediction", surfaces, legend_lines(volumes, panes_organs, dice)),
+                 Pane("reference", ref_surfaces, legend_lines(ref_volumes, panes_organs))]
     else:
-        panes = [Pane(args.title or Path(args.input).name, surfaces, legend_lines(surfaces, volumes, panes_organs))]
+        panes = [Pane(args.title or Path(args.input).name, surfaces, legend_lines(volumes, panes_organs))]
     if args.ct:
         context = context_surfaces(args.ct, args.smooth)
         _check_overlap(args, context, surfaces)
