@@ -324,22 +324,65 @@ def preprocess_label(label: np.ndarray, info: GridInfo) -> np.ndarray:
     return resample_labels(can, info.shape_out)
 
 
-def probs_to_input_grid(probs: torch.Tensor, info: GridInfo) -> np.ndarray:
-    """(C, X', Y', Z') class scores on the preprocessed grid -> uint8 label map on the input's
-    exact grid (shape and orientation). Each class is resampled alone and argmaxed on the fly, so
-    memory is two volumes of the input's size, not C."""
-    best = None
-    out = None
-    for c in range(probs.shape[0]):
-        score = resample(probs[c].float(), info.canonical_shape)
-        if best is None:
-            best = score
-            out = torch.zeros(score.shape, dtype=torch.uint8, device=score.device)
-            continue
-        better = score > best
-        out[better] = c
-        best = torch.maximum(score, best)
-    return np.ascontiguousarray(undo_reorient(out.cpu().numpy(), info.transform))
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source taps of 1D linear resampling from n_in to n_out samples over the same extent, as
+    torch's interpolate(align_corners=False) computes them: output j reads input i0 with weight
+    1 - w and i1 with weight w."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def _resample_axis(x: torch.Tensor, dim: int, taps: tuple[np.ndarray, np.ndarray, np.ndarray]) -> torch.Tensor:
+    i0, i1, w = (torch.as_tensor(t, device=x.device) for t in taps)
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    w = w.view(shape)
+    a = x.index_select(dim, i0)
+    return a.add_(x.index_select(dim, i1).sub_(a).mul_(w))
+
+
+def probs_to_input_grid(probs: torch.Tensor, info: GridInfo, slab: int = 16) -> np.ndarray:
+    """(C, X', Y', Z') class scores (probabilities or logits, any float dtype, any device) on the
+    preprocessed grid -> uint8 label map (the argmax) on the input's exact grid (shape and
+    orientation), the same as trilinear interpolation of every class (align_corners=False) then
+    argmax.
+
+    Memory stays bounded on any input size: the interpolation is done axis by axis, slab by slab
+    of `slab` output slices along the canonical z axis, so only (C, X, Y, slab) scores exist at full
+    resolution at a time. Work is skipped where the answer is known: a full-resolution voxel whose
+    interpolation neighbours on the coarse grid all have background ahead of every organ is
+    background (a convex combination keeps each of those inequalities), so only the bounding box of
+    the other coarse voxels is resampled."""
+    out = np.zeros(info.canonical_shape, dtype=np.uint8)
+    bg, organ = probs[0], probs[1:].amax(0)
+    candidates = (organ >= bg).nonzero()
+    if len(candidates):
+        lo = candidates.amin(0).tolist()
+        hi = candidates.amax(0).tolist()
+        taps = [_linear_taps(n_in, n_out) for n_in, n_out in zip(probs.shape[1:], info.canonical_shape)]
+        box = []  # per axis: output voxels whose taps reach into [lo, hi]
+        for (i0, i1, _), a, b in zip(taps, lo, hi):
+            inside = np.nonzero((i1 >= a) & (i0 <= b))[0]
+            box.append((int(inside[0]), int(inside[-1]) + 1))
+        # In-plane taps restricted to the box and re-based on the coarse rows and columns they read.
+        crops, plane = [], []
+        for (i0, i1, w), (a, b) in zip(taps[:2], box[:2]):
+            base = int(i0[a:b].min())
+            crops.append(slice(base, int(i1[a:b].max()) + 1))
+            plane.append((i0[a:b] - base, i1[a:b] - base, w[a:b]))
+        coarse = probs[:, crops[0], crops[1]]
+        (z0, z1), (zi0, zi1, zw) = box[2], taps[2]
+        for s in range(z0, z1, slab):
+            e = min(s + slab, z1)
+            lo_z, hi_z = int(zi0[s:e].min()), int(zi1[s:e].max()) + 1
+            block = _resample_axis(coarse[..., lo_z:hi_z].float(), 3, (zi0[s:e] - lo_z, zi1[s:e] - lo_z, zw[s:e]))
+            block = _resample_axis(block, 2, plane[1])
+            block = _resample_axis(block, 1, plane[0])
+            out[box[0][0]:box[0][1], box[1][0]:box[1][1], s:e] = block.argmax(0).to(torch.uint8).cpu().numpy()
+    return np.ascontiguousarray(undo_reorient(out, info.transform))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,21 +391,16 @@ def probs_to_input_grid(probs: torch.Tensor, info: GridInfo) -> np.ndarray:
 
 def gaussian_importance(roi_size: Sequence[int], sigma_scale: float = 0.125,
                         device: torch.device | str = "cpu") -> torch.Tensor:
-    """MONAI's Gaussian importance map: an erf-integrated Gaussian (sigma = sigma_scale * side,
-    truncated at 4 sigma) centred at side // 2, scaled to max 1, floored at its smallest positive
-    value (at least 1e-3) so no voxel gets zero weight."""
+    """MONAI's Gaussian importance map (compute_importance_map, mode="gaussian"): the product over
+    axes of exp(-x^2 / (2 sigma^2)), x measured from the window's centre ((side - 1) / 2) in
+    voxels, sigma = sigma_scale * side, floored at its smallest value (at least 1e-3) so no voxel
+    gets zero weight. float32 tensor of shape roi_size."""
     out = torch.ones((), dtype=torch.float32, device=device)
     for side in roi_size:
         sigma = sigma_scale * side
-        tail = int(max(sigma * 4.0, 0.5) + 0.5)
-        x = torch.arange(side, dtype=torch.float32, device=device) - side // 2
-        t = 0.70710678 / sigma
-        k = 0.5 * (torch.erf(t * (x + 0.5)) - torch.erf(t * (x - 0.5)))
-        k = torch.where(x.abs() <= tail, k.clamp(min=0), torch.zeros_like(k))
-        out = out[..., None] * k
-    out = out / out.max()
-    floor = max(float(out[out > 0].min()), 1e-3)
-    return out.clamp(min=floor)
+        x = torch.arange(side, dtype=torch.float32, device=device) - (side - 1) / 2.0
+        out = out[..., None] * torch.exp(x**2 / (-2 * sigma**2))
+    return out.clamp(min=max(float(out.min()), 1e-3))
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:

@@ -1,0 +1,20 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "real"
+sys.path.insert(0, str(ROOT))
+
+needs_real = pytest.mark.skipif(not REAL.exists(), reason="../shared/data/real is absent")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Six phantoms at 4 mm in an nnU-Net-style folder (seconds to make)."""
+    from phantom import write_dataset
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    write_dataset(root, 6, seed=1, progress=False, spacing=(4.0, 4.0, 4.0))
+    return root
