@@ -20,9 +20,8 @@ Dice, precision, recall and NSD 0 and HD95 infinite; infinity is written "inf" i
 JSON, and the mean row's HD95 averages the finite values only (the JSON says how many).
 Volume difference in % is null when the reference is empty.
 
-Distances are computed with scipy.ndimage's exact Euclidean distance transform (sampling =
-spacing) inside the bounding box of the two masks only, which holds both surfaces, so the result
-is exact and costs the organ's size, not the scan's.
+Everything is computed inside the bounding box of the two masks of an organ, which holds both
+surfaces, so the result is exact and costs the organ's size, not the scan's.
 """
 
 from __future__ import annotations
@@ -66,11 +65,16 @@ def _scores_from_counts(tp: int, n_pred: int, n_ref: int) -> dict[str, float]:
             "recall": _ratio(tp, n_ref, both_empty)}
 
 
-def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
-    boxes = ndimage.find_objects(mask.astype(np.uint8, copy=False))
-    if not boxes or boxes[0] is None:
-        return None
-    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(boxes[0], mask.shape))
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Smallest box holding every True voxel of a boolean mask (None when empty), from its
+    projections: one fast pass per axis, whatever the array's memory order."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -82,14 +86,23 @@ def surface(mask: np.ndarray) -> np.ndarray:
 def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Distances (mm, float64) from each surface voxel of pred to the surface of ref, and from each
-    surface voxel of ref to the surface of pred. Both masks non-empty, boolean, one shape."""
-    box = _bounding_box(pred | ref, margin=1)
+    surface voxel of ref to the surface of pred. Both masks non-empty, boolean, one shape.
+
+    Exact Euclidean distances between voxel centres in mm: the values scipy's
+    distance_transform_edt(~surface, sampling=spacing) gives at the other surface (tested), found
+    with a k-d tree over the surface voxels, which costs the surfaces' size (~1 s for a liver)
+    where the transform costs its bounding box's volume (~4 s per direction)."""
+    from scipy.spatial import cKDTree
+
+    box = bounding_box(pred | ref)
     p = np.pad(pred[box], 1)  # padding keeps the array border a surface after cropping
     r = np.pad(ref[box], 1)
-    sp, sr = surface(p), surface(r)
-    to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
-    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return to_ref[sp], to_pred[sr]
+    scale = np.asarray(spacing, dtype=np.float64)
+    points_p = np.argwhere(surface(p)) * scale
+    points_r = np.argwhere(surface(r)) * scale
+    to_ref = cKDTree(points_r, leafsize=32).query(points_p, k=1, workers=-1)[0]
+    to_pred = cKDTree(points_p, leafsize=32).query(points_r, k=1, workers=-1)[0]
+    return to_ref, to_pred
 
 
 def hd95_nsd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance: float = 2.0
@@ -102,7 +115,8 @@ def hd95_nsd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolera
         return math.inf, 0.0
     d_pr, d_rp = surface_distances(pred, ref, spacing)
     hd = max(float(np.quantile(d_pr, 0.95)), float(np.quantile(d_rp, 0.95)))
-    nsd = (np.count_nonzero(d_pr <= tolerance) + np.count_nonzero(d_rp <= tolerance)) / (d_pr.size + d_rp.size)
+    within = tolerance + 1e-6  # a distance equal to the tolerance counts, whatever its last bit of rounding
+    nsd = (np.count_nonzero(d_pr <= within) + np.count_nonzero(d_rp <= within)) / (d_pr.size + d_rp.size)
     return hd, float(nsd)
 
 
@@ -115,29 +129,24 @@ def organ_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], t
         raise ValueError(f"prediction {pred.shape} and reference {ref.shape} differ in shape")
     spacing = [float(s) for s in spacing]
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    k = len(LABELS)
-    # One pass for every organ's counts: the joint histogram of (predicted, reference) values.
-    joint = np.bincount((np.clip(pred, 0, k).astype(np.int64) * (k + 1) + np.clip(ref, 0, k)).ravel(),
-                        minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
-    pred_boxes = ndimage.find_objects(pred.astype(np.uint8, copy=False), max_label=k - 1)
-    ref_boxes = ndimage.find_objects(ref.astype(np.uint8, copy=False), max_label=k - 1)
     out = {}
     for value, organ in LABELS.items():
         if value == 0:
             continue
-        tp, n_pred, n_ref = int(joint[value, value]), int(joint[value].sum()), int(joint[:, value].sum())
+        p, r = pred == value, ref == value
+        # Both masks lie inside the box of their union: every metric on that crop is the scan's.
+        box = bounding_box(p | r)
+        if box is None:
+            p = r = np.zeros((1, 1, 1), bool)
+        else:
+            p, r = p[box], r[box]
+        tp, n_pred, n_ref = (int(np.count_nonzero(m)) for m in (p & r, p, r))
         row: dict[str, float | None] = dict(_scores_from_counts(tp, n_pred, n_ref))
         row["ref_ml"] = n_ref * voxel_ml
         row["pred_ml"] = n_pred * voxel_ml
         row["vol_diff_ml"] = (n_pred - n_ref) * voxel_ml
         row["vol_diff_pct"] = 100.0 * (n_pred - n_ref) / n_ref if n_ref else None
-        boxes = [b for b in (pred_boxes[value - 1], ref_boxes[value - 1]) if b is not None]
-        if boxes:
-            # Both masks inside the union of their boxes: metrics on that crop are the full volume's.
-            crop = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
-            row["hd95_mm"], row["nsd"] = hd95_nsd(pred[crop] == value, ref[crop] == value, spacing, tolerance)
-        else:
-            row["hd95_mm"], row["nsd"] = 0.0, 1.0
+        row["hd95_mm"], row["nsd"] = hd95_nsd(p, r, spacing, tolerance)
         out[organ] = row
     return out
 

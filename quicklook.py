@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from utils import LABELS, atomic_write, canonical_transform, reorient, spacing_of
 
@@ -50,8 +51,7 @@ def save_quicklook(path: str | Path, hu: np.ndarray, labels: np.ndarray, affine:
     labels, _ = reorient(labels, affine, transform)
     spacing = spacing_of(ras_affine)
     present = np.unique(labels)
-    fg = np.argwhere(labels > 0)
-    centre = fg.mean(0).round() if len(fg) else np.array(labels.shape) // 2
+    centre = np.round(ndimage.center_of_mass(labels > 0)) if present.max() > 0 else np.array(labels.shape) // 2
 
     colours = np.zeros((len(LABELS), 4))
     for value, rgb in COLOURS.items():

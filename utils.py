@@ -357,11 +357,13 @@ def probs_to_input_grid(probs: torch.Tensor, info: GridInfo, slab: int = 16) -> 
     background (a convex combination keeps each of those inequalities), so only the bounding box of
     the other coarse voxels is resampled."""
     out = np.zeros(info.canonical_shape, dtype=np.uint8)
-    bg, organ = probs[0], probs[1:].amax(0)
-    candidates = (organ >= bg).nonzero()
-    if len(candidates):
-        lo = candidates.amin(0).tolist()
-        hi = candidates.amax(0).tolist()
+    maybe_organ = probs[1:].amax(0) >= probs[0]
+    if maybe_organ.any():
+        lo, hi = [], []
+        for axis in range(3):
+            hits = maybe_organ.any(dim=[a for a in range(3) if a != axis]).nonzero()[:, 0]
+            lo.append(int(hits[0]))
+            hi.append(int(hits[-1]))
         taps = [_linear_taps(n_in, n_out) for n_in, n_out in zip(probs.shape[1:], info.canonical_shape)]
         box = []  # per axis: output voxels whose taps reach into [lo, hi]
         for (i0, i1, _), a, b in zip(taps, lo, hi):

@@ -150,6 +150,26 @@ def test_keep_largest_components():
     assert (out == 2).sum() == (lab == 2).sum()
 
 
+def test_fold_batchnorm_keeps_the_function():
+    torch.manual_seed(0)
+    model = build_vnet("small", base_width=4)
+    for m in model.modules():  # non-trivial statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        before = model(x)
+    infer.fold_batchnorm(model)
+    with torch.inference_mode():
+        after = model(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
 class SidedStub(torch.nn.Module):
     """Calls a bright voxel a right kidney on the window's high-x half (the patient's right in RAS)
     and a left kidney on the other half: what an anatomically trained network does."""
