@@ -47,7 +47,7 @@ def write_series(folder, hu, row_dir, col_dir, pixel_spacing, slice_step, origin
         ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
         ds.PixelSpacing = [f"{pixel_spacing[0]:g}", f"{pixel_spacing[1]:g}"]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_dir, *col_dir)]
-        position = origin + (1 if duplicate and k == 1 else k) * slice_step * normal
+        position = origin + (1 if duplicate and k == 2 else k) * slice_step * normal
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
         ds.SliceThickness = f"{slice_step:g}"
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
