@@ -479,6 +479,9 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
     ref = read_reference(case.label, args.label_map, hu.shape, affine) if case.label else None
     timer.lap("read")
     labels = seg.segment(hu, affine, args.postprocess, timer)
+    if header is not None:
+        header = header.copy()
+        header["cal_min"], header["cal_max"] = 0, 0  # the CT's display range would hide the labels
     save_nifti(case.output, labels, affine, header=header)
     timer.lap("write")
     if case.png is not None:

@@ -230,18 +230,24 @@ def test_end_to_end_file_with_metrics(ckpt, scan, tmp_path):
 
 
 def test_folder_with_a_bad_case_continues(ckpt, scan, tmp_path):
-    image, _ = scan
+    image, label = scan
     src = tmp_path / "in"
     src.mkdir()
     (src / "good_0000.nii.gz").write_bytes(image.read_bytes())
     (src / "broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
     flat = nib.Nifti1Image(np.zeros((40, 40, 1), np.int16) - 1000, np.eye(4))
     nib.save(flat, src / "flat.nii.gz")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "good.nii.gz").write_bytes(label.read_bytes())
     out = tmp_path / "out"
     with pytest.raises(UserError, match="2 of 3 scans failed"):
-        run(["--input", str(src), "--output", str(out), "--checkpoint", str(ckpt), "--no-png"])
+        run(["--input", str(src), "--output", str(out), "--checkpoint", str(ckpt), "--no-png", "--label", str(refs),
+             "--metrics", str(tmp_path / "scores")])
     assert_on_input_grid(out / "good.nii.gz", image)
     assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]
+    rows = (tmp_path / "scores.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["good", "mean"]
 
 
 @pytest.mark.parametrize("problem", ["missing", "2d", "other_model", "corrupt", "state_dict", "missing_folder",
