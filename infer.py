@@ -76,11 +76,20 @@ CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to help texts that do not state their default themselves."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from dataset import LABEL_MAPS
 
     p = argparse.ArgumentParser(description="Segment liver, kidneys and spleen in CT (NIfTI or DICOM).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, DICOM series folder, "
                    "or folder of DICOM series folders")
     p.add_argument("--output", required=True, help="output .nii.gz for one scan, or a folder")
