@@ -73,6 +73,9 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
                             f"the series") from None
         if "PixelData" not in ds and not hasattr(ds, "Rows"):
             continue  # a report or presentation state stored beside the slices
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            raise UserError(f"{p}: a multi-frame (enhanced) DICOM image, which is not read here; convert the series "
+                            f"to NIfTI first (e.g. dcm2niix) and pass the .nii.gz")
         headers.append((p, ds))
     series = {}
     for p, ds in headers:
