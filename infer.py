@@ -20,9 +20,10 @@ Checkpoint: --checkpoint, else the newest best.pt under checkpoints/ (any depth)
 checkpoints/*.pt. Its preprocessing (orientation, spacing, intensity normalisation) is applied on
 the way in and undone exactly on the way out.
 
-Method: Gaussian-weighted sliding windows (the checkpoint's training patch, --overlap, --sw-batch)
-on the preprocessed grid, softmax probabilities resampled to the input grid and argmaxed slab by
-slab (memory bounded for any scan size), then the largest connected component of each organ
+Method: Gaussian-weighted sliding windows on the preprocessed grid (--window: by default the
+training patch enlarged to 160 voxels a side, for speed: fewer voxels computed twice; --overlap,
+--sw-batch), softmax probabilities resampled to the input grid and argmaxed slab by slab
+(memory bounded for any scan size), then the largest connected component of each organ
 (26-connectivity; --no-postprocess to keep all). --tta adds mirrored predictions (8 passes, or
 --tta-axes), the kidney channels swapped back for left-right mirrors. Mixed precision on CUDA.
 
@@ -73,6 +74,10 @@ from utils import (
 )
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+# Default window side (voxels): a window larger than the training patch computes far fewer voxels
+# twice over at the same overlap (2.6x fewer than 96^3 windows on a 1.5 mm abdomen), and the network
+# is fully convolutional; train.py validates with windows of up to three patches a side too.
+MIN_WINDOW = 160
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -105,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to <1")
     p.add_argument("--sw-batch", type=int, default=2, help="windows per network call")
     p.add_argument("--window", default="", help="window size in voxels of the preprocessed grid, 'N' or 'X,Y,Z', "
-                   "multiples of 16 (default: the checkpoint's training patch)")
+                   f"multiples of 16 (default: the checkpoint's training patch, enlarged to {MIN_WINDOW} a side; "
+                   f"never beyond the scan)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (default: off)")
     p.add_argument("--tta-axes", default="012", help="canonical axes to mirror with --tta (0 left-right, "
                    "1 anterior-posterior, 2 inferior-superior); all their combinations are run")
@@ -359,7 +365,7 @@ class Segmenter:
             raise UserError(f"--overlap {overlap}: must be at least 0 and below 1")
         if sw_batch < 1:
             raise UserError(f"--sw-batch {sw_batch}: must be at least 1")
-        self.roi = window or roi
+        self.roi = window or tuple(max(r, MIN_WINDOW) for r in roi)
         self.overlap = overlap
         self.sw_batch = sw_batch
         self.device = device

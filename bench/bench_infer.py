@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="", help="trained checkpoint (default: random weights)")
     p.add_argument("--preset", default="small", help="VNet preset of the random model")
     p.add_argument("--spacing", type=float, default=1.5, help="grid of the random model, mm")
-    p.add_argument("--window", type=int, default=160, help="window side, voxels of that grid")
+    p.add_argument("--window", type=int, default=160, help="window side, voxels of that grid (infer.py's default)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--sw-batch", type=int, default=1, help="windows per network call")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
