@@ -34,13 +34,13 @@ LABEL_MAPS: dict[str, dict[int, int]] = {
     "identity": {0: 0, 1: 1, 2: 2, 3: 3, 4: 4},
     # FLARE22: 1 liver, 2 right kidney, 3 spleen, 13 left kidney; 4-12 other abdominal organs.
     "flare22": {1: 1, 2: 2, 3: 4, 13: 3},
-    # TotalSegmentator: 1 spleen, 2 kidney_right, 3 kidney_left, 5 liver; up to 104 other structures.
+    # TotalSegmentator (v1 and v2 agree on these): 1 spleen, 2 right kidney, 3 left kidney, 5 liver.
     "totalseg": {1: 4, 2: 2, 3: 3, 5: 1},
 }
 ALLOWED_VALUES: dict[str, set[int]] = {
     "identity": set(range(5)),
     "flare22": set(range(14)),
-    "totalseg": set(range(105)),
+    "totalseg": set(range(118)),
 }
 
 

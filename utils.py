@@ -324,22 +324,62 @@ def preprocess_label(label: np.ndarray, info: GridInfo) -> np.ndarray:
     return resample_labels(can, info.shape_out)
 
 
-def probs_to_input_grid(probs: torch.Tensor, info: GridInfo) -> np.ndarray:
-    """(C, X', Y', Z') class scores on the preprocessed grid -> uint8 label map on the input's
-    exact grid (shape and orientation). Each class is resampled alone and argmaxed on the fly, so
-    memory is two volumes of the input's size, not C."""
-    best = None
-    out = None
-    for c in range(probs.shape[0]):
-        score = resample(probs[c].float(), info.canonical_shape)
-        if best is None:
-            best = score
-            out = torch.zeros(score.shape, dtype=torch.uint8, device=score.device)
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source taps of 1D linear resampling from n_in to n_out samples over the same extent, as
+    torch's interpolate(align_corners=False) computes them: output j reads input i0 with weight
+    1 - w and i1 with weight w."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def _argmax_classes(scores: torch.Tensor, ties: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(C, ...) -> (argmax uint8 (...), with ties=True whether the top score is tied, else None).
+    A running maximum over the C slices: far faster on CPUs than torch.argmax along a leading
+    dimension."""
+    best = scores[0].clone()
+    arg = torch.zeros(best.shape, dtype=torch.uint8, device=scores.device)
+    tied = torch.zeros(best.shape, dtype=torch.bool, device=scores.device) if ties else None
+    for c in range(1, scores.shape[0]):
+        s = scores[c]
+        better = s > best
+        if ties:
+            tied = (tied & ~better) | (s == best)
+        arg.masked_fill_(better, c)
+        torch.maximum(best, s, out=best)
+    return arg, tied
+
+
+def probs_to_input_grid(probs: torch.Tensor, info: GridInfo, slab: int = 16) -> np.ndarray:
+    """(C, X', Y', Z') class scores (probabilities or logits, any float dtype, any device) on the
+    preprocessed grid -> uint8 label map (the argmax) on the input's exact grid (shape and
+    orientation): trilinear interpolation of every class (align_corners=False), then argmax.
+
+    Memory stays bounded for any scan size: the work goes slab by slab of `slab` output slices
+    along the canonical z axis (linear along z from the few coarse slices the slab reads, then
+    torch's bilinear in-plane: the same separable interpolation), so only (C, slab, X, Y) scores
+    exist at full resolution at a time. A slab whose coarse slices all have one class strictly
+    ahead (above and below the organs: background) takes that class without interpolating, as any
+    convex combination of the scores keeps it ahead."""
+    n_in, out_shape = probs.shape[1:], info.canonical_shape
+    lo, hi, w = (torch.as_tensor(t, device=probs.device) for t in _linear_taps(n_in[2], out_shape[2]))
+    arg, tied = _argmax_classes(probs, ties=True)
+    planes = probs.permute(0, 3, 1, 2).contiguous()  # (C, Z', X', Y'): whole coarse slices gather fast
+    out = np.empty(out_shape, dtype=np.uint8)
+    for s in range(0, out_shape[2], slab):
+        e = min(s + slab, out_shape[2])
+        z0, z1 = int(lo[s:e].min()), int(hi[s:e].max()) + 1
+        first = arg[0, 0, z0]
+        if not tied[..., z0:z1].any() and bool((arg[..., z0:z1] == first).all()):
+            out[:, :, s:e] = int(first)
             continue
-        better = score > best
-        out[better] = c
-        best = torch.maximum(score, best)
-    return np.ascontiguousarray(undo_reorient(out.cpu().numpy(), info.transform))
+        a = planes.index_select(1, lo[s:e]).float()
+        block = a.add_(planes.index_select(1, hi[s:e]).float().sub_(a).mul_(w[s:e].view(1, -1, 1, 1)))
+        block = F.interpolate(block, size=tuple(out_shape[:2]), mode="bilinear", align_corners=False)
+        out[:, :, s:e] = _argmax_classes(block)[0].permute(1, 2, 0).cpu().numpy()
+    return np.ascontiguousarray(undo_reorient(out, info.transform))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,21 +388,16 @@ def probs_to_input_grid(probs: torch.Tensor, info: GridInfo) -> np.ndarray:
 
 def gaussian_importance(roi_size: Sequence[int], sigma_scale: float = 0.125,
                         device: torch.device | str = "cpu") -> torch.Tensor:
-    """MONAI's Gaussian importance map: an erf-integrated Gaussian (sigma = sigma_scale * side,
-    truncated at 4 sigma) centred at side // 2, scaled to max 1, floored at its smallest positive
-    value (at least 1e-3) so no voxel gets zero weight."""
+    """MONAI's Gaussian importance map (compute_importance_map, mode="gaussian"): the product over
+    axes of exp(-x^2 / (2 sigma^2)), x measured from the window's centre ((side - 1) / 2) in
+    voxels, sigma = sigma_scale * side, floored at its smallest value (at least 1e-3) so no voxel
+    gets zero weight. float32 tensor of shape roi_size."""
     out = torch.ones((), dtype=torch.float32, device=device)
     for side in roi_size:
         sigma = sigma_scale * side
-        tail = int(max(sigma * 4.0, 0.5) + 0.5)
-        x = torch.arange(side, dtype=torch.float32, device=device) - side // 2
-        t = 0.70710678 / sigma
-        k = 0.5 * (torch.erf(t * (x + 0.5)) - torch.erf(t * (x - 0.5)))
-        k = torch.where(x.abs() <= tail, k.clamp(min=0), torch.zeros_like(k))
-        out = out[..., None] * k
-    out = out / out.max()
-    floor = max(float(out[out > 0].min()), 1e-3)
-    return out.clamp(min=floor)
+        x = torch.arange(side, dtype=torch.float32, device=device) - (side - 1) / 2.0
+        out = out[..., None] * torch.exp(x**2 / (-2 * sigma**2))
+    return out.clamp(min=max(float(out.min()), 1e-3))
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:

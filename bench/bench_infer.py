@@ -1,0 +1,248 @@
+"""Benchmark: our file-to-file inference (infer.py) against the same job done the MONAI way
+(LoadImage, Orientation, Spacing, intensity scaling, sliding_window_inference, Invertd, SaveImage),
+with the same model, window, overlap and window batch.
+
+    python bench/bench_infer.py                              # IRCAD patient 1 at 1.5 mm, CPU, small preset
+    python bench/bench_infer.py --device cuda --synthetic 512,512,300 --preset vnet
+
+Each pipeline runs in its own subprocess, so their peak resident memory (from os.wait4) does not
+mix; imports are not timed. The model has random weights unless --checkpoint is given (fine for
+timing); the masks of both pipelines are compared (Dice per organ, voxel agreement). Post-processing
+is off in ours so both do the same job. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+IRCAD = ROOT.parent / "shared" / "data" / "real" / "ircad_p1" / "image.nii.gz"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image", default=str(IRCAD), help="CT NIfTI to segment")
+    p.add_argument("--synthetic", default="", help="instead of --image, a phantom resampled to X,Y,Z voxels "
+                   "(e.g. 512,512,300)")
+    p.add_argument("--checkpoint", default="", help="trained checkpoint (default: random weights)")
+    p.add_argument("--preset", default="small", help="VNet preset of the random model")
+    p.add_argument("--spacing", type=float, default=1.5, help="grid of the random model, mm")
+    p.add_argument("--window", type=int, default=160, help="window side, voxels of that grid (infer.py's default)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--sw-batch", type=int, default=1, help="windows per network call")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--only", default="", choices=["", "ours", "monai"], help="run one pipeline only")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (one per subprocess)
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    import infer
+
+    argv = ["--input", args.image, "--output", args.out, "--checkpoint", args.checkpoint, "--device", args.device,
+            "--overlap", str(args.overlap), "--sw-batch", str(args.sw_batch), "--window", str(args.window),
+            "--threads", str(args.threads), "--no-png", "--no-postprocess", "--overwrite", "--quiet"]
+    parsed = infer.parse_args(argv)
+    t0 = time.perf_counter()
+    summary = infer.main(parsed)
+    total = time.perf_counter() - t0
+    (result,) = summary["cases"].values()
+    return {"total_s": total, "sliding_window_s": result["timings"]["network"], "steps": result["timings"]}
+
+
+def run_monai(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        Orientationd,
+        SaveImaged,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    from utils import Preprocessing, load_checkpoint, model_from_checkpoint
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint).to(device)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    lo, hi = prep.clip
+    pre = Compose([
+        LoadImaged(keys="image"),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes=prep.orientation),
+        Spacingd(keys="image", pixdim=prep.spacing, mode="bilinear"),
+        ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=(lo - prep.mean) / prep.std,
+                             b_max=(hi - prep.mean) / prep.std, clip=True),
+    ])
+    data = pre({"image": args.image})
+    t_pre = time.perf_counter()
+    image = data["image"]
+    roi = tuple(min(args.window, -(-s // 16) * 16) for s in image.shape[1:])
+    amp = device.type == "cuda"
+
+    def predictor(x):
+        with torch.autocast(device.type, enabled=amp):
+            return model(x).float().softmax(1)
+
+    with torch.no_grad():
+        pred = sliding_window_inference(image[None].to(device), roi, args.sw_batch, predictor, overlap=args.overlap,
+                                        mode="gaussian", cval=(lo - prep.mean) / prep.std, device="cpu")
+    t_sw = time.perf_counter()
+    data["pred"] = pred[0]
+    out_dir = Path(args.out).parent
+    post = Compose([
+        Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+        AsDiscreted(keys="pred", argmax=True),
+        SaveImaged(keys="pred", output_dir=str(out_dir), output_postfix="monai", output_dtype=np.uint8,
+                   separate_folder=False, resample=False, print_log=False),
+    ])
+    post(data)
+    t_end = time.perf_counter()
+    written = sorted(out_dir.glob("*_monai.nii*"))
+    written[-1].rename(args.out)
+    return {"total_s": t_end - t0, "sliding_window_s": t_sw - t_pre, "roi": list(roi),
+            "steps": {"load+preprocess": t_pre - t0, "network": t_sw - t_pre, "invert+save": t_end - t_sw}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent
+
+
+def make_random_checkpoint(path: Path, preset: str, spacing: float, window: int) -> None:
+    import torch
+
+    from utils import CHECKPOINT_FORMAT, LABELS, Preprocessing
+    from vnet import build_vnet
+
+    torch.manual_seed(0)
+    model = build_vnet(preset)
+    prep = Preprocessing(spacing=(spacing,) * 3, mean=90.0, std=70.0)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                "preprocessing": prep.to_dict(), "labels": {str(k): v for k, v in LABELS.items()},
+                "roi_size": [window] * 3, "epoch": 0, "metrics": {}}, path)
+
+
+def make_synthetic(path: Path, shape: tuple[int, int, int]) -> None:
+    """A phantom resampled to shape over its field of view, written in LPS (int16)."""
+    import numpy as np
+    import torch
+
+    from phantom import make_phantom, reorient_for_writing
+    from utils import resample, save_nifti, spacing_of
+
+    hu, label, affine = make_phantom(0, spacing=(2.0, 2.0, 2.0))
+    extent = np.array(hu.shape) * spacing_of(affine)
+    big = resample(torch.from_numpy(hu.astype(np.float32)), shape).round().to(torch.int16).numpy()
+    new_affine = affine.copy()
+    new_affine[:3, :3] = np.diag(extent / np.array(shape))
+    big, _, new_affine = reorient_for_writing(big, np.zeros(shape, np.uint8), new_affine, "LPS")
+    save_nifti(path, big, new_affine)
+
+
+def run_worker(kind: str, args: argparse.Namespace, image: str, checkpoint: str, out: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--image", image, "--checkpoint",
+           checkpoint, "--out", str(out), "--window", str(args.window), "--overlap", str(args.overlap),
+           "--sw-batch", str(args.sw_batch), "--device", args.device, "--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{kind} pipeline failed (exit {proc.returncode})")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_gib"] = usage.ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
+    return result
+
+
+def compare_masks(a_path: Path, b_path: Path) -> dict:
+    import nibabel as nib
+    import numpy as np
+
+    from utils import ORGANS, dice_per_organ
+
+    a, b = nib.load(str(a_path)), nib.load(str(b_path))
+    same_grid = a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
+    if not same_grid:
+        return {"same_grid": False}
+    x, y = np.asarray(a.dataobj), np.asarray(b.dataobj)
+    dice = dice_per_organ(x, y)
+    present = [o for o in ORGANS if (x == ORGANS.index(o) + 1).any() or (y == ORGANS.index(o) + 1).any()]
+    return {"same_grid": True, "voxel_agreement": float((x == y).mean()),
+            "dice": {o: round(dice[o], 4) for o in present}}
+
+
+def main(args: argparse.Namespace) -> dict:
+    import torch
+
+    if args.worker:
+        result = run_ours(args) if args.worker == "ours" else run_monai(args)
+        print(json.dumps(result))
+        return result
+    with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
+        tmp = Path(tmp)
+        image = args.image
+        if args.synthetic:
+            shape = tuple(int(s) for s in args.synthetic.split(","))
+            image = str(tmp / "synthetic.nii.gz")
+            make_synthetic(Path(image), shape)
+        checkpoint = args.checkpoint
+        if not checkpoint:
+            checkpoint = str(tmp / "random.pt")
+            make_random_checkpoint(Path(checkpoint), args.preset, args.spacing, args.window)
+        results = {}
+        for kind in ("ours", "monai"):
+            if args.only and args.only != kind:
+                continue
+            (tmp / kind).mkdir()
+            results[kind] = run_worker(kind, args, image, checkpoint, tmp / kind / "mask.nii.gz")
+        if len(results) == 2:
+            results["masks"] = compare_masks(tmp / "ours" / "mask.nii.gz", tmp / "monai" / "mask.nii.gz")
+        import nibabel as nib
+
+        shape = nib.load(image).shape
+    print(f"image {'synthetic' if args.synthetic else image} {shape}; device {args.device}; "
+          f"{torch.get_num_threads()} threads; window {args.window}, overlap {args.overlap}, "
+          f"sw-batch {args.sw_batch}; checkpoint {'random ' + args.preset if not args.checkpoint else checkpoint}")
+    for kind, r in results.items():
+        if kind == "masks":
+            continue
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items())
+        print(f"  {kind:<6} end-to-end {r['total_s']:6.1f} s  sliding window {r['sliding_window_s']:6.1f} s  "
+              f"peak RSS {r['peak_rss_gib']:.2f} GiB   ({steps})")
+    if len(results) == 3:
+        ours, monai = results["ours"], results["monai"]
+        results["ratio_end_to_end"] = ours["total_s"] / monai["total_s"]
+        results["ratio_sliding_window"] = ours["sliding_window_s"] / monai["sliding_window_s"]
+        print(f"  ratio ours/MONAI: end-to-end {results['ratio_end_to_end']:.2f}, "
+              f"sliding window {results['ratio_sliding_window']:.2f}")
+        print(f"  masks: {results['masks']}")
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,612 @@
+"""Segment the liver, right kidney, left kidney and spleen in CT scans with a trained VNet.
+
+    python infer.py --input ct.nii.gz --output ct_seg.nii.gz
+    python infer.py --input scans/ --output masks/            # every NIfTI in scans/ (and DICOM subfolders)
+    python infer.py --input dicom_series/ --output seg.nii.gz  # one DICOM series (a folder of slices)
+    python infer.py --input ct.nii.gz --output seg.nii.gz --label ref.nii.gz          # + metrics
+    python infer.py --input scans/ --output masks/ --label refs/ --label-map flare22  # refs matched by name
+
+Input: a NIfTI file (.nii or .nii.gz, in HU, any orientation, spacing and dtype), a folder of them,
+a DICOM series folder (slices ordered by position, rescale slope and intercept applied,
+orientation from the headers), or a folder of DICOM series folders.
+
+Output: a uint8 label NIfTI (0 background, 1 liver, 2 right kidney, 3 left kidney, 4 spleen) with
+exactly the input's shape and affine (sform and qform), so it lies on the CT in any viewer; for a
+folder input, a folder of them named after the inputs (CASE_0000.nii.gz -> CASE.nii.gz). Beside
+each mask, a quick-look PNG (axial, coronal, sagittal; --no-png to skip). An existing output is
+replaced only with --overwrite.
+
+Checkpoint: --checkpoint, else the newest best.pt under checkpoints/ (any depth) or shipped
+checkpoints/*.pt. Its preprocessing (orientation, spacing, intensity normalisation) is applied on
+the way in and undone exactly on the way out.
+
+Method: Gaussian-weighted sliding windows on the preprocessed grid (--window: by default the
+training patch enlarged to 160 voxels a side, for speed: fewer voxels computed twice; --overlap,
+--sw-batch), softmax probabilities resampled to the input grid and argmaxed slab by slab
+(memory bounded for any scan size), then the largest connected component of each organ
+(26-connectivity; --no-postprocess to keep all). --tta adds mirrored predictions (8 passes, or
+--tta-axes), the kidney channels swapped back for left-right mirrors. Mixed precision on CUDA.
+
+Metrics (--label): per organ Dice, precision, recall, volumes (mL), volume difference, HD95 (mm)
+and normalised surface Dice at --tolerance mm, in physical spacing (metrics.py documents empty
+masks: both empty scores 1 / HD95 0; one empty scores 0 / HD95 inf, null in JSON). A table on
+screen and, with a row per case and a mean row, OUTPUT_FOLDER/metrics.csv and .json (a file
+output: OUTPUT_STEM_metrics.csv/.json; --metrics PREFIX to choose). The reference uses our label
+map unless --label-map names another (dataset.LABEL_MAPS: flare22, totalseg).
+
+Errors (a missing or unreadable input, a 2D image, a wrong or damaged checkpoint, a missing output
+folder, a reference of another grid) give one line "error: ..." and exit code 1, with no partial
+output. In a folder, a failing case does not stop the others: the summary lists the failures and
+the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from utils import (
+    LABELS,
+    LR_SWAP,
+    NUM_CLASSES,
+    Preprocessing,
+    UserError,
+    configure_torch,
+    load_checkpoint,
+    load_nifti,
+    model_from_checkpoint,
+    pick_device,
+    preprocess_image,
+    probs_to_input_grid,
+    reorient,
+    run_cli,
+    save_nifti,
+    sliding_window_inference,
+    spacing_of,
+)
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+# Default window side (voxels): a window larger than the training patch computes far fewer voxels
+# twice over at the same overlap (2.6x fewer than 96^3 windows on a 1.5 mm abdomen), and the network
+# is fully convolutional; train.py validates with windows of up to three patches a side too.
+MIN_WINDOW = 160
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to help texts that do not state their default themselves."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from dataset import LABEL_MAPS
+
+    p = argparse.ArgumentParser(description="Segment liver, kidneys and spleen in CT (NIfTI or DICOM).",
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, DICOM series folder, "
+                   "or folder of DICOM series folders")
+    p.add_argument("--output", required=True, help="output .nii.gz for one scan, or a folder")
+    p.add_argument("--checkpoint", default="", help="checkpoint (default: newest best.pt or *.pt under checkpoints/)")
+    p.add_argument("--label", default="", help="reference label map (file, or folder matched by case name) "
+                   "to compute metrics (default: none)")
+    p.add_argument("--label-map", default="identity", choices=sorted(LABEL_MAPS),
+                   help="label map of the reference")
+    p.add_argument("--metrics", default="", help="path prefix of the metrics CSV and JSON (default: "
+                   "OUTPUT_FOLDER/metrics, or OUTPUT_STEM_metrics for a file output)")
+    p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance, mm")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0 to <1")
+    p.add_argument("--sw-batch", type=int, default=2, help="windows per network call")
+    p.add_argument("--window", default="", help="window size in voxels of the preprocessed grid, 'N' or 'X,Y,Z', "
+                   f"multiples of 16 (default: the checkpoint's training patch, enlarged to {MIN_WINDOW} a side; "
+                   f"never beyond the scan)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (default: off)")
+    p.add_argument("--tta-axes", default="012", help="canonical axes to mirror with --tta (0 left-right, "
+                   "1 anterior-posterior, 2 inferior-superior); all their combinations are run")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help="keep every connected component (default: largest per organ)")
+    p.add_argument("--no-png", dest="png", action="store_false", help="skip the quick-look PNG (default: written)")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA (default: on)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the failure summary")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclass
+class Case:
+    name: str
+    source: Path  # NIfTI file or DICOM series folder
+    output: Path
+    label: Path | None = None
+    png: Path | None = None
+    error: str = ""  # set when the case cannot run (e.g. its output exists)
+
+
+def case_name(path: Path) -> str:
+    """Scan name without the NIfTI suffix and nnU-Net's channel suffix _0000."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.removesuffix("_0000")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def _find_sources(folder: Path) -> list[Path]:
+    from dicom_series import is_dicom_folder
+
+    if is_dicom_folder(folder):
+        return [folder]
+    niftis = sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    series = sorted(p for p in folder.iterdir() if p.is_dir() and is_dicom_folder(p))
+    if not niftis and not series:
+        raise UserError(f"{folder}: no NIfTI files (.nii, .nii.gz) or DICOM series in this folder; check --input")
+    return niftis + series
+
+
+def collect_cases(args: argparse.Namespace) -> tuple[list[Case], bool]:
+    """The scans to segment with their output and reference paths, and whether the input is a
+    single scan (a file output) or a batch (a folder output)."""
+    from dicom_series import is_dicom_file
+
+    src = Path(args.input)
+    if not src.exists():
+        raise UserError(f"{src}: no such file or folder; check --input")
+    if src.is_file():
+        if not is_nifti(src):
+            if is_dicom_file(src):
+                raise UserError(f"{src}: a single DICOM file; pass the folder that holds the whole series")
+            raise UserError(f"{src}: not a NIfTI file (.nii or .nii.gz) or a DICOM series folder; convert it first")
+        sources = [src]
+    else:
+        sources = _find_sources(src)
+    single = sources == [src]
+
+    out = Path(args.output)
+    if single and is_nifti(out):
+        if not out.parent.is_dir():
+            raise UserError(f"{out}: the folder {out.parent} does not exist; create it or choose another --output")
+        outputs = [out]
+        png_of = out.with_name(case_name(out) + ".png")
+        pngs = [png_of]
+    else:
+        if is_nifti(out):
+            raise UserError(f"{out}: a file name, but {src} holds {len(sources)} scans; pass a folder as --output")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out}: exists and is not a folder; pass a folder or a .nii.gz file as --output")
+        if not out.exists() and not out.parent.is_dir():
+            raise UserError(f"{out}: its parent folder {out.parent} does not exist; create it first")
+        names = [case_name(s) for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise UserError(f"{src}: several scans are named {dupes[0]!r} (e.g. .nii and .nii.gz); rename one")
+        outputs = [out / f"{n}.nii.gz" for n in names]
+        pngs = [out / f"{n}.png" for n in names]
+
+    cases = [Case(case_name(s), s, o, png=p if args.png else None) for s, o, p in zip(sources, outputs, pngs)]
+    for c in cases:
+        if c.output.resolve() == c.source.resolve():
+            raise UserError(f"{c.output}: is the input scan itself; choose another --output")
+    if args.label:
+        attach_references(cases, Path(args.label))
+    for c in cases:
+        if c.output.exists() and not args.overwrite:
+            c.error = f"{c.output}: exists; pass --overwrite to replace it"
+    return cases, single
+
+
+def attach_references(cases: list[Case], label: Path) -> None:
+    if not label.exists():
+        raise UserError(f"{label}: no such reference file or folder; check --label")
+    if label.is_file():
+        if len(cases) > 1:
+            raise UserError(f"{label}: one reference file for {len(cases)} scans; pass a folder of references "
+                            f"named like the scans")
+        cases[0].label = label
+        return
+    for c in cases:
+        found = [label / f"{n}{s}" for n in (c.name, f"{c.name}_0000") for s in NIFTI_SUFFIXES]
+        c.label = next((p for p in found if p.is_file()), None)
+        if c.label is None:
+            warn(f"{label}: no reference {c.name}.nii.gz for {c.source.name}; no metrics for this case")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def find_checkpoint(root: Path = CHECKPOINTS) -> Path:
+    """The newest (by modification time) best.pt under root, at any depth, or root/*.pt."""
+    found = set(root.rglob("best.pt")) | set(root.glob("*.pt")) if root.is_dir() else set()
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise UserError(f"no checkpoint found under {root} (a run's best.pt or a shipped *.pt): "
+                        f"train one with python train.py or pass --checkpoint")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_scan(path: Path) -> tuple[np.ndarray, np.ndarray, object]:
+    """A CT from a NIfTI file or DICOM series folder -> (HU (X, Y, Z), affine RAS mm, NIfTI header
+    or None). The image is checked: 3D, not a single slice, finite values."""
+    if path.is_dir():
+        from dicom_series import read_dicom_series
+
+        hu, affine = read_dicom_series(path)
+        header = None
+    else:
+        import nibabel as nib
+
+        hu, affine = load_nifti(path, "image")
+        header = nib.load(str(path)).header
+    if min(hu.shape) < 2:
+        raise UserError(f"{path}: shape {hu.shape} is a single slice (a 2D image); a 3D CT volume is needed")
+    if hu.dtype == np.bool_ or not np.issubdtype(hu.dtype, np.number):
+        raise UserError(f"{path}: voxels of type {hu.dtype} are not CT numbers; pass a CT in HU")
+    if np.issubdtype(hu.dtype, np.floating):
+        bad = ~np.isfinite(hu)
+        if bad.any():
+            warn(f"{path}: {int(bad.sum())} NaN or infinite voxels, treated as air (-1024 HU)")
+            hu = np.where(bad, np.float32(-1024), hu)
+    lo = float(hu.min())
+    if lo > -500:
+        warn(f"{path}: lowest value {lo:g} does not look like HU (air is -1000); if the scan stores raw values, "
+             f"apply its rescale slope and intercept first")
+    return hu, affine, header
+
+
+def read_reference(path: Path, label_map: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """A reference label map in our labels on the image's grid. Same voxels stored with axes
+    permuted or flipped are reoriented onto the image's; any other grid is an error."""
+    from nibabel import orientations as ornt
+
+    from dataset import remap_labels
+
+    ref, ref_affine = load_nifti(path, "reference label map")
+    if not np.allclose(ref_affine, affine, atol=1e-3):
+        transform = ornt.ornt_transform(ornt.io_orientation(ref_affine), ornt.io_orientation(affine))
+        moved, moved_affine = reorient(ref, ref_affine, transform)
+        if moved.shape == tuple(shape) and np.allclose(moved_affine, affine, atol=1e-2):
+            ref, ref_affine = moved, moved_affine
+    if ref.shape != tuple(shape):
+        raise UserError(f"{path}: reference shape {ref.shape} differs from the image's {tuple(shape)}; "
+                        f"pass the reference of this scan, on its grid")
+    if not np.allclose(ref_affine, affine, atol=1e-2):
+        raise UserError(f"{path}: the reference's affine differs from the image's (another grid or position); "
+                        f"resample the reference onto the image grid")
+    return remap_labels(np.ascontiguousarray(ref), label_map, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation
+
+
+def parse_window(text: str) -> tuple[int, int, int] | None:
+    if not text:
+        return None
+    try:
+        sides = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--window {text}: expected N or X,Y,Z (voxels)") from None
+    if len(sides) == 1:
+        sides *= 3
+    if len(sides) != 3 or any(s <= 0 or s % 16 for s in sides):
+        raise UserError(f"--window {text}: needs 1 or 3 positive multiples of 16 (the VNet halves it four times)")
+    return tuple(sides)
+
+
+def mirror_sets(axes: str) -> list[tuple[int, ...]]:
+    """Every non-empty combination of the axes in `axes` ("012" -> 7 combinations)."""
+    chosen = sorted({int(a) for a in axes if a in "012"})
+    if not chosen or len(chosen) != len(set(axes.replace(",", ""))):
+        raise UserError(f"--tta-axes {axes}: use digits 0, 1, 2 (e.g. 012 or 0)")
+    from itertools import combinations
+
+    return [c for k in range(1, len(chosen) + 1) for c in combinations(chosen, k)]
+
+
+@dataclass
+class Timer:
+    times: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.perf_counter)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+class Segmenter:
+    """A checkpoint's VNet and preprocessing, ready to segment scans."""
+
+    def __init__(self, checkpoint: Path, device: torch.device, window: tuple[int, int, int] | None = None,
+                 overlap: float = 0.5, sw_batch: int = 2, tta_axes: str = "", amp: bool = True):
+        ckpt = load_checkpoint(checkpoint)
+        self.model = model_from_checkpoint(ckpt, checkpoint)
+        cfg = self.model.cfg
+        if cfg.num_classes != NUM_CLASSES or cfg.in_channels != 1:
+            raise UserError(f"{checkpoint}: a model with {cfg.in_channels} input channel(s) and {cfg.num_classes} "
+                            f"classes; this tool needs CT in, {NUM_CLASSES} classes out: pass a checkpoint of "
+                            f"this project's liver/kidneys/spleen model")
+        labels = ckpt.get("labels")
+        if labels is not None and {int(k): v for k, v in labels.items()} != LABELS:
+            raise UserError(f"{checkpoint}: its labels {labels} are not ours {LABELS}; pass a checkpoint of this model")
+        try:
+            self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
+            roi = tuple(int(r) for r in ckpt["roi_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{checkpoint}: no valid preprocessing or roi_size ({type(e).__name__}: {e}); "
+                            f"use a checkpoint written by train.py") from None
+        if not 0 <= overlap < 1:
+            raise UserError(f"--overlap {overlap}: must be at least 0 and below 1")
+        if sw_batch < 1:
+            raise UserError(f"--sw-batch {sw_batch}: must be at least 1")
+        self.roi = window or tuple(max(r, MIN_WINDOW) for r in roi)
+        self.overlap = overlap
+        self.sw_batch = sw_batch
+        self.device = device
+        self.mirrors = mirror_sets(tta_axes) if tta_axes else []
+        self.amp_dtype = None
+        if amp and device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        fold_batchnorm(self.model)
+        self.model.to(device).to(memory_format=torch.channels_last_3d)
+        self.checkpoint = checkpoint
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+        return logits.float().softmax(1)
+
+    def predictor(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, 1, *roi) normalised CT -> (B, C, *roi) float32 softmax probabilities, averaged over
+        the mirrored copies with --tta."""
+        x = windows.contiguous(memory_format=torch.channels_last_3d)
+        probs = self._forward(x)
+        for axes in self.mirrors:
+            dims = [a + 2 for a in axes]
+            p = self._forward(x.flip(dims)).flip(dims)
+            if 0 in axes:  # mirrored left-right, the network's right kidney is the patient's left one
+                p = p[:, torch.as_tensor(LR_SWAP, dtype=torch.long, device=p.device)]
+            probs += p
+        return probs / (1 + len(self.mirrors))
+
+    def window_for(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The window, shrunk along axes the volume is shorter than, to the smallest multiple of 16
+        that covers them: fewer padded voxels to compute, same result (one window per such axis,
+        whose Gaussian weight cancels in the normalisation)."""
+        return tuple(min(r, -(-s // 16) * 16) for r, s in zip(self.roi, shape))
+
+    @torch.inference_mode()
+    def probabilities(self, volume: torch.Tensor) -> torch.Tensor:
+        """(X', Y', Z') normalised CT on the preprocessed grid -> (C, X', Y', Z') float32
+        probabilities on the model's device."""
+        x = volume.to(self.device)[None, None]
+        air = (self.prep.clip[0] - self.prep.mean) / self.prep.std
+        return sliding_window_inference(x, self.window_for(tuple(volume.shape)), self.sw_batch, self.predictor,
+                                         overlap=self.overlap, pad_value=air)[0]
+
+    def segment(self, hu: np.ndarray, affine: np.ndarray, postprocess: bool = True, timer: Timer | None = None
+                ) -> np.ndarray:
+        """CT (X, Y, Z) in HU with its affine -> uint8 label map (X, Y, Z) on the same grid."""
+        timer = timer or Timer()
+        volume, info = preprocess_image(hu, affine, self.prep)
+        timer.lap("preprocess")
+        probs = self.probabilities(volume)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        timer.lap("network")
+        with torch.inference_mode():
+            labels = probs_to_input_grid(probs, info)
+        del probs
+        timer.lap("resample")
+        if postprocess:
+            keep_largest_components(labels)
+            timer.lap("postprocess")
+        return labels
+
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """In place, for inference in eval mode: each BatchNorm3d that follows a convolution in an
+    nn.Sequential is folded into the convolution's weights and bias and replaced by Identity.
+    Same function (to float rounding), one pass over the activations fewer per layer."""
+    nn = torch.nn
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if not (isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d)) and isinstance(bn, nn.BatchNorm3d)
+                    and bn.running_var is not None and conv.groups == 1):
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                shift = -bn.running_mean * scale
+                if bn.affine:
+                    scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+                out_dim = 1 if isinstance(conv, nn.ConvTranspose3d) else 0
+                shape = [1] * conv.weight.ndim
+                shape[out_dim] = -1
+                conv.weight.mul_(scale.view(shape))
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+                conv.bias = nn.Parameter(bias * scale + shift)
+            seq[i + 1] = nn.Identity()
+    return model
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """In place: each organ keeps only its largest 26-connected component; the rest becomes
+    background. Works inside each organ's bounding box, so it costs the organs' size."""
+    structure = ndimage.generate_binary_structure(3, 3)
+    for value, box in enumerate(ndimage.find_objects(labels, max_label=NUM_CLASSES - 1), start=1):
+        if box is None:
+            continue
+        region = labels[box]
+        mask = region == value
+        components, n = ndimage.label(mask, structure)
+        if n > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            region[mask & (components != sizes.argmax())] = 0
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def describe(hu: np.ndarray, affine: np.ndarray) -> str:
+    import nibabel as nib
+
+    sp = spacing_of(affine)
+    return (f"{'x'.join(map(str, hu.shape))} {''.join(nib.aff2axcodes(affine))} "
+            f"{'x'.join(f'{s:.2f}' for s in sp)} mm {hu.dtype}")
+
+
+def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
+    """Segments one scan and writes its outputs; returns timings (s), organ volumes (mL) and
+    metrics (when a reference is given)."""
+    from metrics import format_table, organ_metrics
+
+    timer = Timer()
+    hu, affine, header = read_scan(case.source)
+    ref = read_reference(case.label, args.label_map, hu.shape, affine) if case.label else None
+    timer.lap("read")
+    labels = seg.segment(hu, affine, args.postprocess, timer)
+    if header is not None:
+        header = header.copy()
+        header["cal_min"], header["cal_max"] = 0, 0  # the CT's display range would hide the labels
+    save_nifti(case.output, labels, affine, header=header)
+    timer.lap("write")
+    if case.png is not None:
+        from quicklook import save_quicklook
+
+        save_quicklook(case.png, hu, labels, affine, title=f"{case.name}  ({describe(hu, affine)})")
+        timer.lap("png")
+    voxel_ml = float(np.prod(spacing_of(affine))) / 1000
+    counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
+    volumes = {LABELS[v]: round(float(counts[v]) * voxel_ml, 1) for v in range(1, NUM_CLASSES)}
+    result = {"output": str(case.output), "volumes_ml": volumes}
+    if ref is not None:
+        result["metrics"] = organ_metrics(labels, ref, spacing_of(affine), args.tolerance)
+        timer.lap("metrics")
+    total = sum(timer.times.values())
+    result["timings"] = {**{k: round(v, 3) for k, v in timer.times.items()}, "total": round(total, 3)}
+    if not args.quiet:
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in timer.times.items())
+        organs = ", ".join(f"{k} {v:.0f}" for k, v in volumes.items())
+        print(f"{case.name}: {describe(hu, affine)} -> {case.output} in {total:.1f} s ({steps})")
+        print(f"  volumes (mL): {organs}")
+        if ref is not None:
+            print(format_table(result["metrics"], args.tolerance))
+    return result
+
+
+def metrics_prefix(args: argparse.Namespace, cases: list[Case], single: bool) -> Path:
+    if args.metrics:
+        prefix = Path(args.metrics)
+        if not prefix.parent.is_dir():
+            raise UserError(f"--metrics {prefix}: the folder {prefix.parent} does not exist; create it first")
+        return prefix
+    out = cases[0].output
+    return out.with_name(case_name(out) + "_metrics") if single else out.parent / "metrics"
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Runs inference on every scan of args.input. Returns {"cases": {name: result}, "failed":
+    {name: reason}, "metrics_files": [...]}."""
+    t0 = time.perf_counter()
+    cases, single = collect_cases(args)
+    prefix = None
+    if any(c.label for c in cases):
+        prefix = metrics_prefix(args, cases, single)
+        existing = [p for p in (prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".json"))
+                    if p.exists()]
+        if existing and not args.overwrite:
+            raise UserError(f"{existing[0]}: exists; pass --overwrite to replace it (or --metrics PREFIX)")
+    if single and cases[0].error:
+        raise UserError(cases[0].error)
+    device = pick_device(args.device)
+    configure_torch(device)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    seg = Segmenter(Path(args.checkpoint) if args.checkpoint else find_checkpoint(), device,
+                    parse_window(args.window), args.overlap, args.sw_batch,
+                    args.tta_axes if args.tta else "", args.amp)
+    cases[0].output.parent.mkdir(exist_ok=True)  # a batch's output folder, made once the model is ready
+    if not args.quiet:
+        mirrors = f", TTA {1 + len(seg.mirrors)} passes" if seg.mirrors else ""
+        print(f"checkpoint {seg.checkpoint}; {device}; grid {'x'.join(f'{s:g}' for s in seg.prep.spacing)} mm "
+              f"{seg.prep.orientation}; window {'x'.join(map(str, seg.roi))}, overlap {args.overlap}{mirrors}; "
+              f"{len(cases)} scan(s)")
+
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for case in cases:
+        if case.error:
+            failed[case.name] = case.error
+            print(f"error: {case.error}", file=sys.stderr)
+            continue
+        try:
+            results[case.name] = run_case(case, seg, args)
+        except UserError as e:
+            if single:
+                raise
+            failed[case.name] = str(e)
+            print(f"error: {e}", file=sys.stderr)
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            reason = (f"{case.source}: out of memory ({type(e).__name__}); try --sw-batch 1, a smaller --window "
+                      f"or --device cpu")
+            if single:
+                raise UserError(reason) from None
+            failed[case.name] = reason
+            print(f"error: {reason}", file=sys.stderr)
+        except Exception as e:  # one broken scan must not stop a batch; a single scan shows the traceback
+            if single:
+                raise
+            failed[case.name] = f"{case.source}: {type(e).__name__}: {e}"
+            print(f"error: {failed[case.name]}", file=sys.stderr)
+
+    summary = {"cases": results, "failed": failed, "metrics_files": []}
+    scored = {n: r["metrics"] for n, r in results.items() if "metrics" in r}
+    if scored and prefix is not None:
+        from metrics import format_table, mean_row, write_reports
+
+        files = write_reports(scored, prefix, args.tolerance)
+        summary["metrics_files"] = [str(f) for f in files]
+        if not args.quiet:
+            if len(scored) > 1:
+                print(format_table(mean_row(scored)[0], args.tolerance, f"mean over {len(scored)} cases"))
+            print(f"metrics: {files[0]}, {files[1]}")
+    if not args.quiet and not single:
+        print(f"{len(results)} of {len(cases)} scans segmented in {time.perf_counter() - t0:.1f} s"
+              + (f"; {len(failed)} failed:" if failed else ""))
+    if failed:
+        for name, reason in failed.items():
+            print(f"  {name}: {reason}", file=sys.stderr)
+        raise UserError(f"{len(failed)} of {len(cases)} scans failed (listed above)")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())

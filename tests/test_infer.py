@@ -1,0 +1,338 @@
+"""infer.py and the inference helpers of utils.py: MONAI-equivalent sliding window, exact return to
+the input grid, post-processing, mirroring TTA, the CLI's outputs and its errors."""
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REAL, ROOT, needs_real
+
+import infer
+from phantom import make_phantom, reorient_for_writing
+from utils import (
+    CHECKPOINT_FORMAT,
+    LABELS,
+    Preprocessing,
+    UserError,
+    gaussian_importance,
+    preprocess_image,
+    probs_to_input_grid,
+    resample,
+    sliding_window_inference,
+    undo_reorient,
+    window_starts,
+)
+from vnet import build_vnet
+
+GRID = 6.0  # mm: the tiny checkpoint's grid, coarse so tests take seconds
+
+
+def make_checkpoint(path, spacing=GRID, roi=32, background_bias=0.0, **overrides):
+    torch.manual_seed(0)
+    model = build_vnet("small", base_width=4, **overrides)
+    with torch.no_grad():
+        model.output.head.bias[0] += background_bias  # fewer, smaller random organs: quicker real-scan tests
+    prep = Preprocessing(spacing=(spacing,) * 3, mean=100.0, std=80.0)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                "preprocessing": prep.to_dict(), "labels": {str(k): v for k, v in LABELS.items()},
+                "roi_size": [roi] * 3, "epoch": 0, "metrics": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    """A phantom at 4 mm written in LPS: (image path, label path)."""
+    folder = tmp_path_factory.mktemp("scan")
+    hu, label, affine = make_phantom(3, spacing=(4.0, 4.0, 4.0))
+    hu, label, affine = reorient_for_writing(hu, label, affine, "LPS")
+    img = nib.Nifti1Image(hu, affine)
+    img.set_qform(affine, code=1)
+    nib.save(img, folder / "case_0000.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), folder / "case_label.nii.gz")
+    return folder / "case_0000.nii.gz", folder / "case_label.nii.gz"
+
+
+def run(args):
+    return infer.main(infer.parse_args([*args, "--device", "cpu", "--quiet"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding window against MONAI
+
+
+def test_gaussian_and_window_starts_match_monai():
+    from monai.data.utils import compute_importance_map, dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    for roi in [(32, 32, 32), (16, 48, 33), (7, 64, 20)]:
+        ours = gaussian_importance(roi)
+        theirs = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    for size, roi, overlap in [(100, 32, 0.5), (64, 64, 0.5), (70, 32, 0.25), (33, 32, 0.6), (200, 48, 0.0)]:
+        interval = _get_scan_interval((size,), (roi,), 1, (overlap,))
+        theirs = [s[0].start for s in dense_patch_slices((size,), (roi,), interval)]
+        assert window_starts(size, roi, overlap) == theirs, (size, roi, overlap)
+
+
+def context_predictor(w):
+    """Output depends on each window's content as a whole: blending differences would show."""
+    return torch.cat([w, w - w.mean((2, 3, 4), keepdim=True), torch.sigmoid(w * 3)], 1)
+
+
+@pytest.mark.parametrize("shape,roi,overlap", [((50, 41, 37), (32, 32, 16), 0.5), ((20, 70, 33), (32, 32, 32), 0.25),
+                                               ((64, 48, 40), (32, 16, 32), 0.6)])
+def test_sliding_window_matches_monai(shape, roi, overlap):
+    from monai.inferers import sliding_window_inference as monai_swi
+
+    x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(0))
+    ours = sliding_window_inference(x, roi, 3, context_predictor, overlap=overlap, pad_value=-1.5)
+    theirs = monai_swi(x, roi, 3, context_predictor, overlap=overlap, mode="gaussian", cval=-1.5)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, torch.as_tensor(theirs), atol=1e-4, rtol=0)
+
+
+def test_sliding_window_with_vnet_matches_monai():
+    from monai.inferers import sliding_window_inference as monai_swi
+
+    torch.manual_seed(0)
+    model = build_vnet("small", base_width=4).eval()
+    x = torch.randn(1, 1, 40, 52, 30)
+    with torch.inference_mode():
+        ours = sliding_window_inference(x, (32, 32, 32), 2, model, overlap=0.5)
+        theirs = monai_swi(x, (32, 32, 32), 2, model, overlap=0.5, mode="gaussian")
+    torch.testing.assert_close(ours, torch.as_tensor(theirs), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Back to the input grid
+
+
+def reference_to_input_grid(probs, info):
+    """The plain method: every class trilinearly at full size, argmax, original axes."""
+    full = torch.stack([resample(p.float(), info.canonical_shape) for p in probs])
+    return undo_reorient(full.argmax(0).to(torch.uint8).numpy(), info.transform)
+
+
+@pytest.mark.parametrize("scale", [(0.57, 0.57, 1.6), (3.0, 2.0, 5.0)])
+def test_probs_to_input_grid_equals_full_resampling(scale):
+    from phantom import Grid
+
+    shape = (70, 60, 24) if scale[0] < 1 else (30, 25, 12)
+    affine = Grid(shape, scale, (0, 0, 0)).affine
+    hu, _, lps_affine = reorient_for_writing(np.zeros(shape, np.int16), np.zeros(shape, np.uint8), affine, "LPS")
+    _, info = preprocess_image(hu, lps_affine, Preprocessing(spacing=(1.5, 1.5, 1.5)))
+    g = torch.Generator().manual_seed(1)
+    logits = torch.nn.functional.avg_pool3d(torch.randn(5, *info.shape_out, generator=g)[None] * 8, 3, 1, 1)[0]
+    logits[0] += 1.5  # mostly background, as in a scan, so the skipped region is exercised
+    probs = logits.softmax(0)
+    ours = probs_to_input_grid(probs, info, slab=5)
+    expected = reference_to_input_grid(probs, info)
+    assert ours.shape == hu.shape and ours.dtype == np.uint8
+    assert (ours != expected).mean() < 1e-4
+    assert 0.05 < (ours > 0).mean() < 0.95
+
+
+def test_keep_largest_components():
+    lab = np.zeros((30, 30, 30), np.uint8)
+    lab[2:12, 2:12, 2:12] = 1
+    lab[20:23, 20:23, 20:23] = 1  # a stray liver island
+    lab[15:18, 2:5, 2:5] = 2
+    lab[18:19, 5:6, 5:6] = 2  # touches the right kidney at a corner: 26-connected, kept
+    out = infer.keep_largest_components(lab.copy())
+    assert (out[20:23, 20:23, 20:23] == 0).all()
+    assert (out[2:12, 2:12, 2:12] == 1).all()
+    assert (out == 2).sum() == (lab == 2).sum()
+
+
+def test_fold_batchnorm_keeps_the_function():
+    torch.manual_seed(0)
+    model = build_vnet("small", base_width=4)
+    for m in model.modules():  # non-trivial statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        before = model(x)
+    infer.fold_batchnorm(model)
+    with torch.inference_mode():
+        after = model(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+class SidedStub(torch.nn.Module):
+    """Calls a bright voxel a right kidney on the window's high-x half (the patient's right in RAS)
+    and a left kidney on the other half: what an anatomically trained network does."""
+
+    def forward(self, x):
+        ramp = torch.linspace(-1, 1, x.shape[2]).view(1, 1, -1, 1, 1)
+        bright = x * 4
+        zeros = torch.zeros_like(x)
+        return torch.cat([zeros + 0.5, zeros, bright * ramp, bright * -ramp, zeros], 1)
+
+
+def test_mirroring_tta_swaps_kidneys_back(ckpt):
+    seg = infer.Segmenter(ckpt, torch.device("cpu"), tta_axes="0")
+    seg.model = SidedStub()
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tta = seg.predictor(x)
+        seg.mirrors = []
+        plain = seg.predictor(x)
+    assert not torch.allclose(plain[:, 2], plain[:, 3])
+    torch.testing.assert_close(tta, plain, atol=1e-6, rtol=0)
+    assert len(infer.mirror_sets("012")) == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def assert_on_input_grid(out_path, in_path):
+    a, b = nib.load(str(out_path)), nib.load(str(in_path))
+    assert a.shape == b.shape
+    assert np.allclose(a.affine, b.affine, atol=1e-5)
+    assert np.allclose(a.get_sform(), b.affine, atol=1e-5) and np.allclose(a.get_qform(), b.affine, atol=1e-4)
+    assert nib.aff2axcodes(a.affine) == nib.aff2axcodes(b.affine)
+    data = np.asanyarray(a.dataobj)
+    assert data.dtype == np.uint8 and data.max() <= 4
+    return data
+
+
+def test_end_to_end_file_with_metrics(ckpt, scan, tmp_path):
+    image, label = scan
+    out = tmp_path / "seg.nii.gz"
+    summary = run(["--input", str(image), "--output", str(out), "--checkpoint", str(ckpt), "--label", str(label),
+                   "--tta", "--tta-axes", "0"])
+    assert_on_input_grid(out, image)
+    assert (tmp_path / "seg.png").stat().st_size > 10_000
+    result = summary["cases"]["case"]
+    assert set(result["metrics"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+    assert {"read", "preprocess", "network", "resample", "postprocess", "write", "png", "total"} <= set(
+        result["timings"])
+    assert (tmp_path / "seg_metrics.csv").exists() and (tmp_path / "seg_metrics.json").exists()
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        run(["--input", str(image), "--output", str(out), "--checkpoint", str(ckpt)])
+    run(["--input", str(image), "--output", str(out), "--checkpoint", str(ckpt), "--overwrite", "--no-png",
+         "--no-postprocess"])
+
+
+def test_folder_with_a_bad_case_continues(ckpt, scan, tmp_path):
+    image, label = scan
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "good_0000.nii.gz").write_bytes(image.read_bytes())
+    (src / "broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    flat = nib.Nifti1Image(np.zeros((40, 40, 1), np.int16) - 1000, np.eye(4))
+    nib.save(flat, src / "flat.nii.gz")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "good.nii.gz").write_bytes(label.read_bytes())
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="2 of 3 scans failed"):
+        run(["--input", str(src), "--output", str(out), "--checkpoint", str(ckpt), "--no-png", "--label", str(refs),
+             "--metrics", str(tmp_path / "scores")])
+    assert_on_input_grid(out / "good.nii.gz", image)
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]
+    rows = (tmp_path / "scores.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["good", "mean"]
+
+
+@pytest.mark.parametrize("problem", ["missing", "2d", "other_model", "corrupt", "state_dict", "missing_folder",
+                                     "ref_shape"])
+def test_bad_input_is_one_clear_error(problem, ckpt, scan, tmp_path):
+    image, label = scan
+    out = tmp_path / "seg.nii.gz"
+    args = ["--input", str(image), "--output", str(out), "--checkpoint", str(ckpt), "--no-png"]
+    culprit = None
+    if problem == "missing":
+        culprit = tmp_path / "nope.nii.gz"
+        args[1] = str(culprit)
+    elif problem == "2d":
+        culprit = tmp_path / "slice.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), culprit)
+        args[1] = str(culprit)
+    elif problem in ("other_model", "corrupt", "state_dict"):
+        culprit = tmp_path / "bad.pt"
+        if problem == "other_model":
+            make_checkpoint(culprit, num_classes=3)
+        elif problem == "corrupt":
+            culprit.write_bytes(ckpt.read_bytes()[:5000])
+        else:
+            torch.save(build_vnet("small", base_width=4).state_dict(), culprit)
+        args[5] = str(culprit)
+    elif problem == "missing_folder":
+        culprit = tmp_path / "no" / "such"
+        out = culprit / "seg.nii.gz"
+        args[3] = str(out)
+    elif problem == "ref_shape":
+        culprit = tmp_path / "small_ref.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), culprit)
+        args += ["--label", str(culprit)]
+    with pytest.raises(UserError) as e:
+        run(args)
+    assert str(culprit) in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_cli_error_exit_code_and_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--input", str(tmp_path / "none.nii.gz"),
+                        "--output", str(tmp_path / "o.nii.gz")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "none.nii.gz" in r.stderr
+
+
+def test_default_checkpoint_is_the_newest(tmp_path):
+    import os
+
+    with pytest.raises(UserError, match="train one with python train.py or pass --checkpoint"):
+        infer.find_checkpoint(tmp_path)
+    (tmp_path / "run1").mkdir()
+    old = make_checkpoint(tmp_path / "run1" / "best.pt")
+    shipped = make_checkpoint(tmp_path / "shipped.pt")
+    (tmp_path / "run2" / "deep").mkdir(parents=True)
+    new = make_checkpoint(tmp_path / "run2" / "deep" / "best.pt")
+    for i, p in enumerate([old, shipped, new]):
+        os.utime(p, (1e9 + i, 1e9 + i))
+    assert infer.find_checkpoint(tmp_path) == new
+    os.utime(shipped, (2e9, 2e9))
+    assert infer.find_checkpoint(tmp_path) == shipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Real scans
+
+
+@needs_real
+@pytest.mark.parametrize("image,label,label_map", [
+    ("ircad_p1/image.nii.gz", "ircad_p1/label.nii.gz", "identity"),
+    ("totalseg_example/ct.nii.gz", "totalseg_example/segmentation.nii.gz", "totalseg"),
+])
+def test_real_scan_output_on_its_grid(image, label, label_map, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "bg.pt", background_bias=3.0)
+    out = tmp_path / "seg.nii.gz"
+    summary = run(["--input", str(REAL / image), "--output", str(out), "--checkpoint", str(ckpt),
+                   "--label", str(REAL / label), "--label-map", label_map])
+    assert_on_input_grid(out, REAL / image)
+    (result,) = summary["cases"].values()
+    assert set(result["metrics"]) == set(LABELS.values()) - {"background"}
+    # The reference itself through the same reading path scores perfectly.
+    from metrics import organ_metrics
+    from utils import load_nifti, spacing_of
+
+    _, affine = load_nifti(REAL / image)
+    ref = infer.read_reference(REAL / label, label_map, nib.load(str(REAL / image)).shape, affine)
+    scores = organ_metrics(ref, ref, spacing_of(affine))
+    assert all(s["dice"] == 1.0 and s["hd95_mm"] == 0.0 for s in scores.values())
