@@ -228,26 +228,17 @@ def spatial_matrix(rng: np.random.Generator, aug: AugmentConfig) -> tuple[np.nda
     return m @ np.diag(flips), bool(flips[0] < 0)
 
 
-def crop_theta(matrix: np.ndarray, crop: tuple[int, ...], out_size: tuple[int, ...],
-               buffer: tuple[int, ...] | None = None, offset: tuple[int, ...] = (0, 0, 0)) -> torch.Tensor:
-    """affine_grid's (3, 4) float32 theta for warp_patch's map: output voxel o from crop position
-    centre + matrix @ (o - centre_out), the crop lying at offset in a larger buffer (a batch's
-    common size; default: the crop itself). affine_grid works in normalised (-1..1) coordinates
-    of the buffer, axes reversed (W, H, D)."""
-    crop_a, out_a = np.array(crop, dtype=np.float64), np.array(out_size, dtype=np.float64)
-    buf_a = crop_a if buffer is None else np.array(buffer, dtype=np.float64)
-    linear = np.diag(1.0 / buf_a) @ matrix @ np.diag(out_a)
-    shift = (crop_a + 2 * np.array(offset, dtype=np.float64) - buf_a) / buf_a
-    theta = np.concatenate([linear[::-1, ::-1], shift[::-1, None]], axis=1)
-    return torch.from_numpy(theta.astype(np.float32))
-
-
 def warp_patch(image: torch.Tensor, label: torch.Tensor, matrix: np.ndarray, mirrored_lr: bool,
                out_size: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Resamples a crop around its centre: image (C, X, Y, Z) float trilinear, label (X, Y, Z) int
     nearest, output voxel o taken from input position centre + matrix @ (o - centre_out). A
     left-right mirror swaps the kidney labels, so labels keep naming the patient's side."""
-    theta = crop_theta(matrix, tuple(image.shape[1:]), out_size)[None]
+    crop = image.shape[1:]
+    # affine_grid works in normalised (-1..1) coordinates with the axes reversed (W, H, D).
+    theta_xyz = np.diag(1.0 / np.array(crop, dtype=np.float64)) @ matrix @ np.diag(np.array(out_size, dtype=np.float64))
+    rev = theta_xyz[::-1, ::-1]
+    theta = torch.zeros(1, 3, 4, dtype=torch.float32)
+    theta[0, :, :3] = torch.from_numpy(rev.copy())
     grid = F.affine_grid(theta, [1, 1, *out_size], align_corners=False)
     img = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
     lab = F.grid_sample(label[None, None].float(), grid, mode="nearest", padding_mode="zeros",
@@ -257,43 +248,21 @@ def warp_patch(image: torch.Tensor, label: torch.Tensor, matrix: np.ndarray, mir
     return img, lab
 
 
-def intensity_params(rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
-    """One patch's intensity augmentation drawn from rng: (scale, shift, gamma, noise std, noise
-    seed) float64, shift and noise std in standard deviations; gamma 0 and seed -1 mean none."""
-    params = np.array([1.0, 0.0, 0.0, 0.0, -1.0])
-    if not aug.enabled:
-        return params
-    if rng.random() < aug.intensity_prob:
-        params[0] = rng.uniform(*aug.intensity_scale)
-        params[1] = rng.uniform(-aug.intensity_shift, aug.intensity_shift)
-    if rng.random() < aug.gamma_prob:
-        params[2] = rng.uniform(*aug.gamma)
-    if rng.random() < aug.noise_prob:
-        params[4] = int(rng.integers(2**31))
-        params[3] = rng.uniform(0, aug.noise_std)
-    return params
-
-
-def apply_intensity(image: torch.Tensor, params: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """intensity_params applied to one normalised patch (C, X, Y, Z) on its own device: scale and
-    shift, gamma on the patch's range, Gaussian noise seeded by the params (the same numbers on
-    any CPU; another stream on a GPU)."""
-    scale, shift, gamma, noise_std, seed = (float(v) for v in params)
-    if scale != 1.0 or shift != 0.0:
-        image = image * scale + shift
-    if gamma > 0:
-        lo, hi = image.min(), image.max()
-        span = (hi - lo).clamp(min=1e-6)
-        image = ((image - lo) / span) ** gamma * span + lo
-    if seed >= 0:
-        gen = torch.Generator(device=image.device).manual_seed(int(seed))
-        image = image + torch.randn(image.shape, generator=gen, device=image.device) * noise_std
-    return image
-
-
 def augment_intensity(image: torch.Tensor, rng: np.random.Generator, aug: AugmentConfig) -> torch.Tensor:
     """Contrast and scanner variation on a normalised patch: scale/shift, gamma, noise."""
-    return apply_intensity(image, intensity_params(rng, aug))
+    if not aug.enabled:
+        return image
+    if rng.random() < aug.intensity_prob:
+        image = image * rng.uniform(*aug.intensity_scale) + rng.uniform(-aug.intensity_shift, aug.intensity_shift)
+    if rng.random() < aug.gamma_prob:
+        lo, hi = image.min(), image.max()
+        span = (hi - lo).clamp(min=1e-6)
+        image = ((image - lo) / span) ** rng.uniform(*aug.gamma) * span + lo
+    if rng.random() < aug.noise_prob:
+        # Drawn on the patch's device (gpu_augment.py): the same numbers as ever on a CPU.
+        gen = torch.Generator(image.device).manual_seed(int(rng.integers(2**31)))
+        image = image + torch.randn(image.shape, generator=gen, device=image.device) * rng.uniform(0, aug.noise_std)
+    return image
 
 
 def crop_padded(array: np.ndarray, center: np.ndarray, size: tuple[int, int, int], fill: float) -> np.ndarray:
@@ -317,8 +286,7 @@ class PatchDataset(Dataset):
     Item i of epoch e depends only on (seed, e, i), so runs are reproducible with any number of
     DataLoader workers and a resumed run draws what an uninterrupted one would.
     Returns image (1, *patch) float32 (normalised) and label (*patch) int64; with defer=True, the
-    un-warped crop and the drawn augmentation instead (see crop_item), for augment_batch to apply
-    to a whole batch on the training device.
+    un-warped crop and the augmentation still to apply (gpu_augment.py does it for a whole batch).
     """
 
     def __init__(self, volumes: list[Volume], prep: Preprocessing, patch_size: tuple[int, int, int],
@@ -373,68 +341,16 @@ class PatchDataset(Dataset):
             crop = tuple(int(math.ceil(r)) + 2 for r in reach)
         img = crop_padded(vol.image, center, crop, self.prep.clip[0])
         lab = crop_padded(vol.label, center, crop, 0)
+        if self.defer:  # gpu_augment.py warps, normalises and augments a whole batch on the device
+            return {"image": torch.from_numpy(img)[None], "label": torch.from_numpy(lab), "matrix": matrix,
+                    "mirrored": mirrored, "rng": rng, "out_size": self.patch}
         image = (torch.from_numpy(img)[None] - self.prep.mean) / self.prep.std
         label = torch.from_numpy(lab)
-        if self.defer:
-            return crop_item(image, label, matrix, mirrored, intensity_params(rng, self.aug), self.patch)
         # Not `crop != patch`: a zoom-in can need a crop of exactly the patch size.
         if warp:
             image, label = warp_patch(image, label, matrix, mirrored, self.patch)
         image = augment_intensity(image, rng, self.aug)
         return image.float().contiguous(), label.long()
-
-
-# ---------------------------------------------------------------------------------------------
-# Augmentation on the training device, for a whole batch (train.py --gpu-augment)
-
-
-def crop_item(image: torch.Tensor, label: torch.Tensor, matrix: np.ndarray, mirrored_lr: bool,
-              intensity: np.ndarray, out_size: tuple[int, int, int]) -> dict:
-    """A patch whose augmentation is still to be done: image (1, *crop) float32 normalised,
-    label (*crop) uint8, the spatial matrix (warp_patch's), the left-right mirror flag and
-    intensity_params. The crop holds every position the warp samples (PatchDataset sizes it so)."""
-    return {"image": image.float().contiguous(), "label": label, "matrix": torch.from_numpy(matrix),
-            "mirrored": torch.tensor(mirrored_lr), "intensity": torch.from_numpy(intensity),
-            "out_size": torch.tensor(out_size)}
-
-
-def collate_crops(items: list[dict]) -> dict:
-    """DataLoader collate for crop_items of different crop sizes: each crop centred in a common
-    buffer (N, 1, *S) / (N, *S), with the affine_grid thetas (N, 3, 4) that sample it as warp_patch
-    samples the crop alone."""
-    crops = np.array([it["label"].shape for it in items])
-    size = tuple(int(v) for v in crops.max(0))
-    image = torch.zeros((len(items), 1, *size), dtype=torch.float32)
-    label = torch.zeros((len(items), *size), dtype=torch.uint8)
-    thetas = []
-    for n, (it, crop) in enumerate(zip(items, crops)):
-        offset = (np.array(size) - crop) // 2
-        box = tuple(slice(int(o), int(o + c)) for o, c in zip(offset, crop))
-        image[(n, 0, *box)] = it["image"][0]
-        label[(n, *box)] = it["label"]
-        out_size = tuple(int(v) for v in it["out_size"])
-        thetas.append(crop_theta(it["matrix"].numpy(), tuple(crop), out_size, size, tuple(offset)))
-    return {"image": image, "label": label, "theta": torch.stack(thetas), "out_size": items[0]["out_size"],
-            "mirrored": torch.stack([it["mirrored"] for it in items]),
-            "intensity": torch.stack([it["intensity"] for it in items])}
-
-
-def augment_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """collate_crops's batch warped and intensity-augmented on device: image (N, 1, *patch)
-    float32, label (N, *patch) int64. The math of PatchDataset's per-patch path, one
-    affine_grid and grid_sample for the whole batch."""
-    image = batch["image"].to(device, non_blocking=True)
-    label = batch["label"].to(device, non_blocking=True)
-    theta = batch["theta"].to(device)
-    out_size = [len(theta), 1, *(int(v) for v in batch["out_size"])]
-    grid = F.affine_grid(theta, out_size, align_corners=False)
-    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    label = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                          align_corners=False)[:, 0].long()
-    swapped = torch.from_numpy(LR_SWAP).to(device).long()[label]
-    label = torch.where(batch["mirrored"].to(device)[:, None, None, None], swapped, label)
-    image = torch.stack([apply_intensity(image[n], p) for n, p in enumerate(batch["intensity"])])
-    return image, label
 
 
 def _check_main(argv: list[str] | None = None) -> None:

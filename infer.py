@@ -5,6 +5,7 @@
     python infer.py --input dicom_series/ --output seg.nii.gz  # one DICOM series (a folder of slices)
     python infer.py --input ct.nii.gz --output seg.nii.gz --label ref.nii.gz          # + metrics
     python infer.py --input scans/ --output masks/ --label refs/ --label-map flare22  # refs matched by name
+    torchrun --standalone --nproc_per_node=4 infer.py --input scans/ --output masks/  # four GPUs share the scans
 
 Input: a NIfTI file (.nii or .nii.gz, in HU, any orientation, spacing and dtype), a folder of them,
 a DICOM series folder (slices ordered by position, rescale slope and intercept applied,
@@ -38,6 +39,10 @@ Errors (a missing or unreadable input, a 2D image, a wrong or damaged checkpoint
 folder, a reference of another grid) give one line "error: ..." and exit code 1, with no partial
 output. In a folder, a failing case does not stop the others: the summary lists the failures and
 the exit code is 1.
+
+Under torchrun (distributed.py), process r of N segments scans r, r + N, ... of a folder on GPU
+LOCAL_RANK (or the CPU); rank 0 gathers the results, writes the metrics and prints the summary;
+every process exits with 1 when any scan failed.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+import distributed
 from utils import (
     LABELS,
     LR_SWAP,
@@ -63,7 +69,6 @@ from utils import (
     load_checkpoint,
     load_nifti,
     model_from_checkpoint,
-    pick_device,
     preprocess_image,
     probs_to_input_grid,
     reorient,
@@ -547,22 +552,24 @@ def main(args: argparse.Namespace) -> dict:
             raise UserError(f"{existing[0]}: exists; pass --overwrite to replace it (or --metrics PREFIX)")
     if single and cases[0].error:
         raise UserError(cases[0].error)
-    device = pick_device(args.device)
+    d = distributed.setup(args.device)
+    device = d.device
     configure_torch(device)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    seg = Segmenter(Path(args.checkpoint) if args.checkpoint else find_checkpoint(), device,
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // d.local_world))
+    seg = Segmenter(Path(args.checkpoint) if args.checkpoint else d.on_main(find_checkpoint), device,
                     parse_window(args.window), args.overlap, args.sw_batch,
                     args.tta_axes if args.tta else "", args.amp)
     cases[0].output.parent.mkdir(exist_ok=True)  # a batch's output folder, made once the model is ready
-    if not args.quiet:
+    if not args.quiet and d.main:
         mirrors = f", TTA {1 + len(seg.mirrors)} passes" if seg.mirrors else ""
-        print(f"checkpoint {seg.checkpoint}; {device}; grid {'x'.join(f'{s:g}' for s in seg.prep.spacing)} mm "
+        ranks = f" x {d.world} processes" if d.enabled else ""
+        print(f"checkpoint {seg.checkpoint}; {device}{ranks}; grid {'x'.join(f'{s:g}' for s in seg.prep.spacing)} mm "
               f"{seg.prep.orientation}; window {'x'.join(map(str, seg.roi))}, overlap {args.overlap}{mirrors}; "
               f"{len(cases)} scan(s)")
 
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    for case in cases:
+    for case in cases[d.rank::d.world]:
         if case.error:
             failed[case.name] = case.error
             print(f"error: {case.error}", file=sys.stderr)
@@ -587,6 +594,14 @@ def main(args: argparse.Namespace) -> dict:
             failed[case.name] = f"{case.source}: {type(e).__name__}: {e}"
             print(f"error: {failed[case.name]}", file=sys.stderr)
 
+    if d.enabled:
+        parts = d.gather((results, failed))
+        results = {c.name: r[c.name] for c in cases for r, _ in parts if c.name in r}
+        failed = {c.name: f[c.name] for c in cases for _, f in parts if c.name in f}
+        if not d.main:  # rank 0 writes the metrics and reports; the others share its exit code
+            if failed:
+                raise SystemExit(1)
+            return {"cases": results, "failed": failed, "metrics_files": []}
     summary = {"cases": results, "failed": failed, "metrics_files": []}
     scored = {n: r["metrics"] for n, r in results.items() if "metrics" in r}
     if scored and prefix is not None:
@@ -609,4 +624,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args())
+    try:
+        run_cli(main, parse_args())
+    finally:
+        distributed.teardown()

@@ -3,6 +3,7 @@
     python train.py                      # data/ if it holds a dataset, else built-in phantoms
     python train.py --data DIR           # an nnU-Net-style folder: imagesTr/ + labelsTr/
     python train.py --resume checkpoints/RUN
+    torchrun --standalone --nproc_per_node=4 train.py ...   # four GPUs (see distributed.py)
 
 A run folder under checkpoints/ receives best.pt and last.pt (plain dicts, loadable with
 torch.load(..., weights_only=True)), metrics.csv, metrics.json and curves.png.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import os
@@ -23,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+import distributed
 from dataset import (
     AugmentConfig,
     PatchDataset,
@@ -35,6 +39,7 @@ from dataset import (
     intensity_stats,
     load_case,
 )
+from gpu_augment import augment_batch, collate_crops
 from losses import DiceCELoss
 from utils import (
     CHECKPOINT_FORMAT,
@@ -45,7 +50,6 @@ from utils import (
     configure_torch,
     dice_per_organ,
     load_checkpoint,
-    pick_device,
     run_cli,
     save_checkpoint,
     sliding_window_inference,
@@ -74,6 +78,8 @@ class TrainConfig:
     seed: int = 0
     workers: int = -1  # DataLoader workers; -1: one per spare CPU core (max 8) on CUDA, 0 on CPU
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler)
+    compile: bool = False  # torch.compile the training step's model (on a CPU it made steps slower)
+    gpu_augment: bool = False  # warp and intensity augmentation batched on the device, not in the loader
     synthetic_cases: int = 40  # phantoms generated when no dataset is found
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
     device: str = "auto"
@@ -104,7 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=d.data, help="dataset folder (imagesTr/ + labelsTr/); the default 'data' "
                    "falls back to built-in phantoms in data/synthetic/ when it holds no dataset")
     p.add_argument("--out", default=d.out, help="folder for run folders")
-    p.add_argument("--run", default=d.run, help="run folder name (default: a timestamp)")
+    p.add_argument("--run", "--run-name", dest="run", default=d.run,
+                   help="run folder name (default: a timestamp); under torchrun spell it --run-name, as torchrun "
+                   "takes --run for its own --run-path")
     p.add_argument("--label-map", default=d.label_map, help="source label map: identity, flare22 or auto")
     p.add_argument("--preset", default=d.preset, choices=["", *PRESETS], help="VNet preset ('': vnet on CUDA, small on CPU)")
     p.add_argument("--spacing", type=float, default=d.spacing, help="training voxel size, mm (0: 1.5 on CUDA, 3.0 on CPU)")
@@ -121,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
     p.add_argument("--workers", type=int, default=d.workers, help="loader workers (-1: spare cores up to 8 on CUDA, 0 on CPU)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA (default: on)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (default: off; "
+                   "minutes of compiling first, slower on CPUs)")
+    p.add_argument("--gpu-augment", action="store_true", help="loader returns un-warped crops; the spatial warp and "
+                   "intensity augmentation run batched on the training device (default: off; for when the "
+                   "loader cannot keep up with the GPU)")
     p.add_argument("--synthetic-cases", type=int, default=d.synthetic_cases, help="phantoms to generate when no data")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this many minutes, whole run (default: 13 on CPU with default settings, none on CUDA)")
@@ -159,7 +172,7 @@ def load_volumes(data: Path, cfg: TrainConfig) -> tuple[list[Volume], list[Volum
     workers = max(1, min(4, os.cpu_count() or 1, len(cases)))
     with ProcessPoolExecutor(workers) as pool:
         jobs = pool.map(load_case, cases, [prep] * len(cases), [label_map] * len(cases))
-        volumes = list(tqdm(jobs, total=len(cases), desc="loading", unit="case"))
+        volumes = list(tqdm(jobs, total=len(cases), desc="loading", unit="case", disable=not distributed.is_main()))
     order = np.random.default_rng(cfg.seed).permutation(len(volumes))
     n_val = max(1, int(round(len(volumes) * cfg.val_fraction)))
     val = [volumes[i] for i in sorted(order[:n_val])]
@@ -253,6 +266,90 @@ def find_resume(path: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Several processes (torchrun): DistributedDataParallel, one GPU (or CPU process) per rank. Ranks
+# draw disjoint patches, share validation, agree on every decision; rank 0 alone writes.
+
+# Set to a folder to have every rank save its final weights there as rank<R>.pt (tests compare them).
+DUMP_WEIGHTS_ENV = "ABDOMEN_VNET_DUMP_RANK_WEIGHTS"
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of an epoch's n patches, as indices epoch * n + i for i = rank, rank +
+    world, ... The epoch travels inside the index because persistent loader workers keep their own
+    copy of the dataset: an epoch set on the main process's copy would never reach them."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.n, self.rank, self.world, self.epoch = n, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(range(self.epoch * self.n + self.rank, (self.epoch + 1) * self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+class EpochPatches(Dataset):
+    """PatchDataset indexed by EpochSampler's epoch * n + i."""
+
+    def __init__(self, patches: PatchDataset):
+        self.patches = patches
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, index: int):
+        epoch, i = divmod(index, len(self.patches))
+        self.patches.set_epoch(epoch)
+        return self.patches[i]
+
+
+def loader_workers(workers: int, d: distributed.Dist) -> int:
+    """The automatic worker count (resolve()'s) shared by the ranks on one machine."""
+    if d.local_world <= 1 or workers <= 0:
+        return workers
+    return max(1, min(workers, (os.cpu_count() or 1) // d.local_world - 1))
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP that syncs gradients only: each rank's BatchNorm statistics follow its own patches until
+    average_buffers (newer torch spells broadcast_buffers=False forward_sync_buffers=False)."""
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **no_sync)
+
+
+def average_buffers(model: torch.nn.Module, d: distributed.Dist) -> None:
+    """BatchNorm running statistics averaged over ranks. DDP here syncs gradients only: each rank's
+    statistics follow its own patches, and validation and checkpoints need one model."""
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            d.all_reduce_mean_(buf)
+
+
+def validate_ranks(model: torch.nn.Module, volumes: list[Volume], prep: Preprocessing, cfg: TrainConfig,
+                   device: torch.device, amp_dtype: torch.dtype | None, d: distributed.Dist) -> dict[str, float]:
+    """validate() with the volumes split over the ranks (every world-th), its means combined
+    weighted by volume counts: the all-volume means, identical on every rank."""
+    if not d.enabled:
+        return validate(model, volumes, prep, cfg, device, amp_dtype)
+    mine = volumes[d.rank::d.world]
+    parts = d.gather((validate(model, mine, prep, cfg, device, amp_dtype) if mine else {}, len(mine)))
+    total = sum(n for _, n in parts)
+    return {k: sum(m[k] * n for m, n in parts if n) / total for k in parts[0][0]}
+
+
+def dump_rank_weights(model: torch.nn.Module, d: distributed.Dist) -> None:
+    folder = os.environ.get(DUMP_WEIGHTS_ENV)
+    if folder:
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(weights, Path(folder) / f"rank{d.rank}.pt")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -266,11 +363,15 @@ def main(args: argparse.Namespace) -> dict:
         run_dir = resume.parent
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "max_minutes"})
-    device = pick_device(cfg.device)
+    d = distributed.setup(cfg.device)
+    device = d.device
     defaults = all(getattr(args, k) == getattr(TrainConfig, k) for k in ("epochs", "steps_per_epoch", "patch", "preset"))
     cfg.max_minutes = args.max_minutes if args.max_minutes is not None else (
         13.0 if device.type == "cpu" and defaults and state is None else 0.0)
+    auto_workers = cfg.workers < 0
     cfg = cfg.resolve(device)
+    if auto_workers:
+        cfg.workers = loader_workers(cfg.workers, d)
     if cfg.patch % 16:
         raise UserError(f"--patch {cfg.patch}: must be a multiple of 16 (the VNet halves it four times)")
     configure_torch(device)
@@ -279,26 +380,42 @@ def main(args: argparse.Namespace) -> dict:
     np.random.seed(cfg.seed)
 
     # Data
-    data = resolve_data(cfg)
+    data = d.main_first(lambda: resolve_data(cfg))  # rank 0 generates the phantoms, the others then find them
     train_vols, val_vols, prep, label_map = load_volumes(data, cfg)
     if state is not None:
         prep = Preprocessing.from_dict(state["preprocessing"])
     aug = AugmentConfig()
     patch = (cfg.patch,) * 3
-    train_set = PatchDataset(train_vols, prep, patch, cfg.steps_per_epoch * cfg.batch_size, aug, cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
+    # --batch-size is per rank: an epoch's steps draw batch_size * world patches each.
+    train_set = PatchDataset(train_vols, prep, patch, cfg.steps_per_epoch * cfg.batch_size * d.world, aug, cfg.seed,
+                             defer=cfg.gpu_augment)
+    sampler = EpochSampler(len(train_set), d.rank, d.world)
+    loader = DataLoader(EpochPatches(train_set), batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        collate_fn=collate_crops if cfg.gpu_augment else None,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                         prefetch_factor=4 if cfg.workers > 0 else None)
 
     # Model, loss, optimiser, schedule
-    # Channels-last 3D: oneDNN and cuDNN both run 3D convolutions faster in this layout.
-    model = build_vnet(cfg.preset).to(device).to(memory_format=torch.channels_last_3d)
+    # Activations run channels-last 3D (the input is converted at every step): cuDNN's and oneDNN's
+    # fast 3D convolutions use that layout. The weights too on CUDA, as cuDNN wants them; on a CPU,
+    # channels-last weights make oneDNN copy every weight gradient back into that layout (a tenth
+    # of a VNet step, bench/bench_train.py).
+    model = build_vnet(cfg.preset).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    net = model
+    if d.enabled:
+        net = wrap_ddp(model, device)
+        torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ between ranks
+    if cfg.compile:
+        net = torch.compile(net)
     loss_fn = DiceCELoss()
+    # Fused optimisers (CPU and CUDA since torch 2.4): one kernel over all parameters, 2x faster on a CPU.
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                fused=device.type == "cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay,
+                              fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     amp_dtype = None
     if cfg.amp:
@@ -313,13 +430,23 @@ def main(args: argparse.Namespace) -> dict:
         sched.load_state_dict(state["scheduler"])
         history = list(state["history"])
         best, best_epoch, start_epoch = state["best_metric"], state["best_epoch"], state["epoch"] + 1
-        print(f"resuming {run_dir} at epoch {start_epoch}")
+        if d.main:
+            print(f"resuming {run_dir} at epoch {start_epoch}")
     else:
-        run_dir = Path(cfg.out) / (cfg.run or time.strftime("%Y%m%d-%H%M%S"))
-        run_dir.mkdir(parents=True, exist_ok=False)
-    print(f"{len(train_vols)} training / {len(val_vols)} validation cases from {data} (labels: {label_map}); "
-          f"VNet '{cfg.preset}' {count_parameters(model) / 1e6:.1f} M parameters on {device}; "
-          f"patch {cfg.patch}^3 at {cfg.spacing} mm; run folder {run_dir}")
+        def make_run_dir() -> Path:
+            path = Path(cfg.out) / (cfg.run or time.strftime("%Y%m%d-%H%M%S"))
+            try:
+                path.mkdir(parents=True, exist_ok=False)
+            except FileExistsError:
+                raise UserError(f"{path}: run folder exists; pass another --run, or --resume {path}") from None
+            return path
+
+        run_dir = d.on_main(make_run_dir)
+    if d.main:
+        ranks = f" x {d.world} processes (batch {cfg.batch_size} each)" if d.enabled else ""
+        print(f"{len(train_vols)} training / {len(val_vols)} validation cases from {data} (labels: {label_map}); "
+              f"VNet '{cfg.preset}' {count_parameters(model) / 1e6:.1f} M parameters on {device}{ranks}; "
+              f"patch {cfg.patch}^3 at {cfg.spacing} mm; run folder {run_dir}")
 
     def checkpoint(epoch: int, metrics: dict, full: bool) -> dict:
         ckpt = {
@@ -349,17 +476,22 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
-        train_set.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
-        for image, label in bar:
-            image = image.to(device, non_blocking=True).to(memory_format=torch.channels_last_3d)
-            label = label.to(device, non_blocking=True)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=not d.main)
+        for batch in bar:
+            if cfg.gpu_augment:
+                image, label = augment_batch(batch, prep, aug, device)
+            else:
+                image, label = (t.to(device, non_blocking=True) for t in batch)
+            image = image.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(image)
+                logits = net(image)
             loss = loss_fn(logits.float(), label)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
+            # The mean over ranks: logged, and checked by every rank alike, so all stop together.
+            mean_loss = d.all_reduce_mean_(loss.detach().clone()) if d.enabled else loss
+            if not torch.isfinite(mean_loss):
+                raise UserError(f"loss became {mean_loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -367,50 +499,65 @@ def main(args: argparse.Namespace) -> dict:
             scaler.step(opt)
             scaler.update()
             sched.step()
-            losses.append(loss.item())
+            losses.append(mean_loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        metrics = validate(model, val_vols, prep, cfg, device, amp_dtype)
+        if d.enabled:
+            average_buffers(model, d)
+        metrics = validate_ranks(model, val_vols, prep, cfg, device, amp_dtype, d)
         row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
                **{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(time.time() - t0, 1)}
         history.append(row)
         improved = metrics["mean"] > best + 1e-4
         if improved:
             best, best_epoch = metrics["mean"], epoch
-            save_checkpoint(checkpoint(epoch, metrics, full=False), run_dir / "best.pt")
-        save_checkpoint(checkpoint(epoch, metrics, full=True), run_dir / "last.pt")
-        write_csv(history, run_dir / "metrics.csv")
-        plot_curves(history, run_dir / "curves.png")
-        organs = "  ".join(f"{o} {metrics[o]:.3f}" for o in ORGANS)
-        tqdm.write(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  val Dice {organs}  mean {metrics['mean']:.3f}"
-                   f"{'  *best' if improved else ''}  ({row['seconds']:.0f} s)")
+            if d.main:
+                save_checkpoint(checkpoint(epoch, metrics, full=False), run_dir / "best.pt")
+        if d.main:
+            save_checkpoint(checkpoint(epoch, metrics, full=True), run_dir / "last.pt")
+            write_csv(history, run_dir / "metrics.csv")
+            plot_curves(history, run_dir / "curves.png")
+            organs = "  ".join(f"{o} {metrics[o]:.3f}" for o in ORGANS)
+            tqdm.write(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  val Dice {organs}  mean {metrics['mean']:.3f}"
+                       f"{'  *best' if improved else ''}  ({row['seconds']:.0f} s)")
+        stop = None
         if epoch - best_epoch >= cfg.patience:
-            stopped = f"early stop: no better mean Dice for {cfg.patience} epochs"
-            break
-        if cfg.max_minutes:
+            stop = f"early stop: no better mean Dice for {cfg.patience} epochs"
+        elif cfg.max_minutes:
             # Fit the remaining epochs (and so the LR schedule) into the time budget.
             elapsed = (time.time() - t_start) / 60
             per_epoch = (time.time() - t0) / 60
             fits = epoch + 1 + int((cfg.max_minutes - elapsed) / per_epoch)
             if fits < cfg.epochs:
                 cfg.epochs = max(fits, epoch + 1)
-                tqdm.write(f"time budget {cfg.max_minutes:g} min: schedule shortened to {cfg.epochs} epochs")
+                if d.main:
+                    tqdm.write(f"time budget {cfg.max_minutes:g} min: schedule shortened to {cfg.epochs} epochs")
             if epoch + 1 >= cfg.epochs:
-                stopped = f"time budget of {cfg.max_minutes:g} min reached"
-                break
+                stop = f"time budget of {cfg.max_minutes:g} min reached"
+        # Rank 0 decides for all: clocks differ between ranks, and all must leave the loop together.
+        stop, cfg.epochs = d.broadcast((stop, cfg.epochs))
+        if stop:
+            stopped = stop
+            break
 
-    best_ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
-    final = {organ: round(best_ckpt["metrics"][organ], 4) for organ in [*ORGANS, "mean"]}
-    summary = {**final, "best_epoch": best_ckpt["epoch"] + 1, "epochs_run": epoch + 1, "stopped": stopped,
-               "minutes": round((time.time() - t_start) / 60, 2), "checkpoint": str(run_dir / "best.pt")}
-    from utils import atomic_write
+    summary = None
+    if d.main:
+        best_ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+        final = {organ: round(best_ckpt["metrics"][organ], 4) for organ in [*ORGANS, "mean"]}
+        summary = {**final, "best_epoch": best_ckpt["epoch"] + 1, "epochs_run": epoch + 1, "stopped": stopped,
+                   "minutes": round((time.time() - t_start) / 60, 2), "checkpoint": str(run_dir / "best.pt")}
+        from utils import atomic_write
 
-    atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
-    print(f"\n{stopped}. Best validation Dice (epoch {summary['best_epoch']}), {run_dir / 'best.pt'}:")
-    print(f"  {'organ':<14}{'Dice':>8}")
-    for organ in [*ORGANS, "mean"]:
-        print(f"  {organ:<14}{final[organ]:>8.4f}")
-    return summary
+        atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+        print(f"\n{stopped}. Best validation Dice (epoch {summary['best_epoch']}), {run_dir / 'best.pt'}:")
+        print(f"  {'organ':<14}{'Dice':>8}")
+        for organ in [*ORGANS, "mean"]:
+            print(f"  {organ:<14}{final[organ]:>8.4f}")
+    dump_rank_weights(model, d)
+    return d.broadcast(summary)
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args())
+    try:
+        run_cli(main, parse_args())
+    finally:
+        distributed.teardown()
