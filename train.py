@@ -266,8 +266,9 @@ def find_resume(path: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Several processes (torchrun): DistributedDataParallel, one GPU (or CPU process) per rank. Ranks
-# draw disjoint patches, share validation, agree on every decision; rank 0 alone writes.
+# Speed, and several processes under torchrun: DistributedDataParallel, one GPU (or CPU process)
+# per rank. Ranks draw disjoint patches, share validation, agree on every decision; rank 0 alone
+# writes.
 
 # Set to a folder to have every rank save its final weights there as rank<R>.pt (tests compare them).
 DUMP_WEIGHTS_ENV = "ABDOMEN_VNET_DUMP_RANK_WEIGHTS"
@@ -311,6 +312,15 @@ def loader_workers(workers: int, d: distributed.Dist) -> int:
     if d.local_world <= 1 or workers <= 0:
         return workers
     return max(1, min(workers, (os.cpu_count() or 1) // d.local_world - 1))
+
+
+def to_training_layout(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """model on device, channels-last 3D weights on CUDA. Activations run channels-last everywhere
+    (the input is converted at every step): cuDNN's and oneDNN's fast 3D convolutions use that
+    layout. cuDNN wants the weights so too; on a CPU, channels-last weights make oneDNN copy every
+    weight gradient back into that layout, a tenth of a VNet step (bench/bench_train.py)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last_3d) if device.type == "cuda" else model
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
@@ -396,13 +406,7 @@ def main(args: argparse.Namespace) -> dict:
                         prefetch_factor=4 if cfg.workers > 0 else None)
 
     # Model, loss, optimiser, schedule
-    # Activations run channels-last 3D (the input is converted at every step): cuDNN's and oneDNN's
-    # fast 3D convolutions use that layout. The weights too on CUDA, as cuDNN wants them; on a CPU,
-    # channels-last weights make oneDNN copy every weight gradient back into that layout (a tenth
-    # of a VNet step, bench/bench_train.py).
-    model = build_vnet(cfg.preset).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last_3d)
+    model = to_training_layout(build_vnet(cfg.preset), device)
     net = model
     if d.enabled:
         net = wrap_ddp(model, device)
