@@ -1031,7 +1031,8 @@ def check_dataset(data: str | Path, label_map: str = "auto", out=print) -> int:
     try:
         maps: list[str | None] = list(case_label_maps(found, label_map))
         names = ", ".join(dict.fromkeys(maps)) or "none"
-        source = found.label_map_source if label_map == "auto" else "--label-map"
+        source = ("the cases' own entries" if found.cases and all(c.label_map for c in found.cases)
+                  else found.label_map_source if label_map == "auto" else "--label-map")
         out(f"{found.root}: {found.layout} layout, {len(found.cases)} cases, label map {names} (from {source})")
     except UserError as e:
         problems.append(str(e))
