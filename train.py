@@ -1,7 +1,8 @@
 """Train a VNet to segment liver, kidneys and spleen in abdominal CT.
 
     python train.py                      # data/ if it holds a dataset, else built-in phantoms
-    python train.py --data DIR           # an nnU-Net-style folder: imagesTr/ + labelsTr/
+    python train.py --data DIR           # FLARE22, BTCV, AMOS, WORD, MSD, TotalSegmentator, nnU-Net folder
+    python train.py --data LIST.json     # a datalist: {"training": [{"image": ..., "label": ...}]}
     python train.py --resume checkpoints/RUN
 
 A run folder under checkpoints/ receives best.pt and last.pt (plain dicts, loadable with
@@ -17,7 +18,6 @@ import math
 import os
 import random
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -27,13 +27,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import (
+    LABEL_MAP_HELP,
+    LAYOUTS_HELP,
     AugmentConfig,
     PatchDataset,
     Volume,
-    detect_label_map,
-    find_cases,
+    case_label_maps,
+    default_cache_dir,
+    discover,
     intensity_stats,
-    load_case,
+    locate_datasets,
+    prepare_volumes,
 )
 from losses import DiceCELoss
 from utils import (
@@ -55,10 +59,11 @@ from vnet import PRESETS, build_vnet, count_parameters
 
 @dataclass
 class TrainConfig:
-    data: str = "data"  # dataset folder; "data" falls back to generated phantoms when it holds none
+    data: str = "data"  # dataset folder or datalist .json; "data" falls back to generated phantoms when it holds none
     out: str = "checkpoints"  # parent of the run folder
     run: str = ""  # run folder name; empty: a timestamp
-    label_map: str = "auto"  # source label map (dataset.LABEL_MAPS); auto: from dataset.json
+    label_map: str = "auto"  # source label map (dataset.LABEL_MAPS, or SRC:OURS pairs); auto: detected
+    cache: str = ""  # preprocessing cache folder; "": $ABDOMEN_VNET_CACHE or ~/.cache/abdomen-vnet; "off": none
     preset: str = ""  # VNet preset; empty: "vnet" on CUDA, "small" on CPU
     spacing: float = 0.0  # mm, isotropic training grid; 0: 1.5 on CUDA, 3.0 on CPU (4x fewer voxels)
     patch: int = 0  # patch side in voxels (multiple of 16); 0: 128 on CUDA, 64 on CPU
@@ -101,11 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a VNet for liver, kidneys and spleen in CT.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()
-    p.add_argument("--data", default=d.data, help="dataset folder (imagesTr/ + labelsTr/); the default 'data' "
+    p.add_argument("--data", default=d.data, help=f"dataset folder or datalist: {LAYOUTS_HELP}; the default 'data' "
                    "falls back to built-in phantoms in data/synthetic/ when it holds no dataset")
     p.add_argument("--out", default=d.out, help="folder for run folders")
     p.add_argument("--run", default=d.run, help="run folder name (default: a timestamp)")
-    p.add_argument("--label-map", default=d.label_map, help="source label map: identity, flare22 or auto")
+    p.add_argument("--label-map", default=d.label_map, help=LABEL_MAP_HELP)
+    p.add_argument("--cache", default=d.cache, help="folder for preprocessed volumes, reused while settings and files "
+                   "are unchanged ('': $ABDOMEN_VNET_CACHE or ~/.cache/abdomen-vnet; 'off': preprocess in memory)")
     p.add_argument("--preset", default=d.preset, choices=["", *PRESETS], help="VNet preset ('': vnet on CUDA, small on CPU)")
     p.add_argument("--spacing", type=float, default=d.spacing, help="training voxel size, mm (0: 1.5 on CUDA, 3.0 on CPU)")
     p.add_argument("--patch", type=int, default=d.patch, help="patch side in voxels, multiple of 16 (0: 128 CUDA, 64 CPU)")
@@ -135,13 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_data(cfg: TrainConfig) -> Path:
     """The dataset folder to train on; generates the phantom set when data/ holds none."""
     root = Path(cfg.data)
-    if cfg.data != TrainConfig.data:
+    if cfg.data != TrainConfig.data or (root.is_dir() and locate_datasets(root)):
         return root
-    if (root / "imagesTr").is_dir():
-        return root
-    found = sorted(p.parent for p in root.glob("*/imagesTr") if p.is_dir()) if root.is_dir() else []
-    if found:
-        return found[0]
     synthetic = root / "synthetic"
     print(f"{root}/ holds no dataset: generating {cfg.synthetic_cases} synthetic phantoms into {synthetic}/ (once)")
     from phantom import write_dataset
@@ -151,19 +153,27 @@ def resolve_data(cfg: TrainConfig) -> Path:
 
 
 def load_volumes(data: Path, cfg: TrainConfig) -> tuple[list[Volume], list[Volume], Preprocessing, str]:
-    cases = find_cases(data)
+    found = discover(data)
+    cases = found.cases
     if len(cases) < 2:
-        raise UserError(f"{data}: {len(cases)} case found; training needs at least 2 (one for validation)")
-    label_map = detect_label_map(data) if cfg.label_map == "auto" else cfg.label_map
+        raise UserError(f"{found.root}: {len(cases)} case found; training needs at least 2 (one for validation)")
+    maps = case_label_maps(found, cfg.label_map)
+    label_map = "+".join(dict.fromkeys(maps))
+    for note in found.notes:
+        print(f"note: {note}")
     prep = Preprocessing(spacing=(cfg.spacing,) * 3)
+    cache = None if cfg.cache.lower() in ("off", "none") else Path(cfg.cache).expanduser() if cfg.cache else default_cache_dir()
     workers = max(1, min(4, os.cpu_count() or 1, len(cases)))
-    with ProcessPoolExecutor(workers) as pool:
-        jobs = pool.map(load_case, cases, [prep] * len(cases), [label_map] * len(cases))
-        volumes = list(tqdm(jobs, total=len(cases), desc="loading", unit="case"))
-    order = np.random.default_rng(cfg.seed).permutation(len(volumes))
-    n_val = max(1, int(round(len(volumes) * cfg.val_fraction)))
-    val = [volumes[i] for i in sorted(order[:n_val])]
-    train = [volumes[i] for i in sorted(order[n_val:])]
+    volumes = prepare_volumes(cases, maps, prep, cache, workers)
+    # A datalist's "validation" entries (or TotalSegmentator's val split) are the validation set; else a random share.
+    val_idx = {i for i, c in enumerate(cases) if c.split == "validation"}
+    if len(val_idx) == len(cases):
+        raise UserError(f"{found.root}: every case is a validation case; training needs at least one training case")
+    if not val_idx:
+        order = np.random.default_rng(cfg.seed).permutation(len(volumes))
+        val_idx = set(order[:max(1, int(round(len(volumes) * cfg.val_fraction)))].tolist())
+    val = [v for i, v in enumerate(volumes) if i in val_idx]
+    train = [v for i, v in enumerate(volumes) if i not in val_idx]
     prep.mean, prep.std = intensity_stats(train, prep.clip)
     return train, val, prep, label_map
 
@@ -193,13 +203,13 @@ def validate(model: torch.nn.Module, volumes: list[Volume], prep: Preprocessing,
         # Windows as large as the volume (up to three patches a side): fewer, bigger windows waste less
         # work on overlaps, and the network is fully convolutional.
         roi = tuple(min(-(-s // 16) * 16, 3 * cfg.patch) for s in v.image.shape)
-        x = ((torch.from_numpy(v.image) - prep.mean) / prep.std)[None, None].to(device)
+        x = ((torch.from_numpy(np.array(v.image, dtype=np.float32)) - prep.mean) / prep.std)[None, None].to(device)
         x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             probs = sliding_window_inference(x, roi, 4, model, overlap=0.25,
                                              pad_value=(prep.clip[0] - prep.mean) / prep.std)
         pred = probs[0].argmax(0).cpu()
-        for organ, d in dice_per_organ(pred, torch.from_numpy(v.label)).items():
+        for organ, d in dice_per_organ(pred, torch.from_numpy(np.array(v.label))).items():
             scores[organ].append(d)
     model.train()
     out = {o: float(np.mean(s)) for o, s in scores.items()}

@@ -251,6 +251,14 @@ def resample_labels(label: np.ndarray, out_shape: Sequence[int], num_classes: in
     return out.numpy()
 
 
+def labels_to_input_grid(label: np.ndarray, info: GridInfo, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Label map (X', Y', Z') int on the preprocessed grid -> uint8 on the input's exact grid
+    (info.shape, in the input's orientation; its affine is info.affine): the inverse of
+    preprocess_label, by linear interpolation of the one-hot masks (probs_to_input_grid)."""
+    onehot = F.one_hot(torch.from_numpy(np.asarray(label, dtype=np.int64)), num_classes)
+    return probs_to_input_grid(onehot.permute(3, 0, 1, 2).to(torch.float32), info)
+
+
 @dataclass
 class Preprocessing:
     """How a CT is turned into network input; stored in every checkpoint so inference repeats it."""
