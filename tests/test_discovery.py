@@ -355,7 +355,7 @@ def test_check_a_good_dataset_exits_0(tmp_path, capsys):
     run_cli(dataset.main, dataset.parse_args(["--check", str(tmp_path)]))
     out = capsys.readouterr().out
     assert "label map identity (from TotalSegmentator per-organ masks)" in out
-    assert "checked 1 cases: 1 fine, 0 with problems; 0 problems in all" in out
+    assert "checked 1 case: 1 fine, 0 with problems; 0 problems in all" in out
 
 
 def test_check_flags_kidneys_on_the_wrong_side(tmp_path, capsys):
