@@ -559,6 +559,20 @@ def _resolve(base: Path, path: str) -> Path:
     return Path(os.path.normpath(base / Path(path).expanduser()))
 
 
+def _datalist_map(spec: object, base: Path, where: str) -> str | None:
+    """A datalist's "label_map" value, checked; a .json file in it is relative to the datalist."""
+    if spec is None:
+        return None
+    spec = str(spec)
+    if spec.lower().endswith(".json"):
+        spec = str(_resolve(base, spec))
+    try:
+        parse_label_map(spec)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return spec
+
+
 def _discover_datalist(path: Path, strict: bool) -> Discovery:
     """An MSD-style datalist: {"training": [{"image": ..., "label": ..., "label_map": ...}],
     "validation": [...], "label_map": ...}; paths relative to the file's folder. A label that is a
@@ -590,13 +604,7 @@ def _discover_datalist(path: Path, strict: bool) -> Discovery:
                 continue
             image = _resolve(base, entry["image"])
             label = _resolve(base, entry["label"]) if isinstance(entry.get("label"), str) else None
-            label_map = entry.get("label_map")
-            if label_map is not None:
-                try:
-                    parse_label_map(str(label_map))
-                except UserError as e:
-                    raise UserError(f"{where}: {e}") from None
-                label_map = str(label_map)
+            label_map = _datalist_map(entry.get("label_map"), base, where)
             if not image.exists():
                 problem(f"{where}: image {image} does not exist")
             if label is None:
@@ -608,12 +616,7 @@ def _discover_datalist(path: Path, strict: bool) -> Discovery:
             name = str(entry.get("name") or _case_name(image))
             cases.append(CasePaths(name, image, label, label_map, split))
     if obj.get("label_map") is not None:
-        label_map = str(obj["label_map"])
-        try:
-            parse_label_map(label_map)
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
-        found, source = label_map, f'"label_map" in {path.name}'
+        found, source = _datalist_map(obj["label_map"], base, str(path)), f'"label_map" in {path.name}'
     elif isinstance(obj.get("labels"), dict):
         names = _names_from_dataset_json(path)
         found = map_from_label_names(names, str(path)) if names else None
@@ -670,15 +673,15 @@ def detect_label_map(root: str | Path) -> str:
 
 def case_label_maps(found: Discovery, label_map: str = "auto") -> list[str]:
     """The source label map of each case: its own (datalist entry, TotalSegmentator masks), else
-    label_map, else (auto) the detected one. Each is validated."""
+    label_map, else (auto) the detected one; as LABEL_MAPS names or canonical SRC:OURS pairs (a
+    .json file's content), so a checkpoint that records them needs no file."""
     out = []
     for case in found.cases:
         name = case.label_map or (found.label_map if label_map == "auto" else label_map)
         if name is None:
             raise UserError(f"{found.root}: cannot tell the label map ({found.label_map_source}); pass --label-map: "
                             f"{LABEL_MAP_HELP}")
-        parse_label_map(name)
-        out.append(name)
+        out.append(parse_label_map(name).name)
     return out
 
 
