@@ -496,7 +496,7 @@ def _discover_folder(folder: Path, layout: str, strict: bool) -> Discovery:
             raise UserError(text)
         problems.append(text)
     cases = _pair_folder(images_dir, labels_dir, strict, problems)
-    label_map, source = _detect(folder, cases, "btcv" if layout == "btcv" else None, "BTCV (img/ + label/)")
+    label_map, source = _detect(folder, cases, "btcv" if layout == "btcv" else None, "BTCV")
     if label_map == "amos":
         # AMOS mixes MRI (case ids 500 and up) into imagesTr: not CT, not in Hounsfield units.
         mri = [c for c in cases if (m := re.match(r"amos_(\d+)", c.name)) and int(m.group(1)) >= 500]
@@ -549,7 +549,7 @@ def _discover_totalseg(root: Path, strict: bool) -> Discovery:
     if test:
         notes.append(f"left out {test} cases of TotalSegmentator's test split (meta.csv)")
     if any(c.label is not None and c.label.is_file() for c in cases):
-        label_map, source = _detect(root, cases, "totalseg", "TotalSegmentator (segmentation.nii.gz, v1 classes)")
+        label_map, source = _detect(root, cases, "totalseg", "TotalSegmentator")
     else:
         label_map, source = "identity", "TotalSegmentator per-organ masks"
     return Discovery(root, "totalseg", cases, label_map, source, problems, notes)
@@ -557,6 +557,20 @@ def _discover_totalseg(root: Path, strict: bool) -> Discovery:
 
 def _resolve(base: Path, path: str) -> Path:
     return Path(os.path.normpath(base / Path(path).expanduser()))
+
+
+def _datalist_map(spec: object, base: Path, where: str) -> str | None:
+    """A datalist's "label_map" value, checked; a .json file in it is relative to the datalist."""
+    if spec is None:
+        return None
+    spec = str(spec)
+    if spec.lower().endswith(".json"):
+        spec = str(_resolve(base, spec))
+    try:
+        parse_label_map(spec)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return spec
 
 
 def _discover_datalist(path: Path, strict: bool) -> Discovery:
@@ -590,13 +604,7 @@ def _discover_datalist(path: Path, strict: bool) -> Discovery:
                 continue
             image = _resolve(base, entry["image"])
             label = _resolve(base, entry["label"]) if isinstance(entry.get("label"), str) else None
-            label_map = entry.get("label_map")
-            if label_map is not None:
-                try:
-                    parse_label_map(str(label_map))
-                except UserError as e:
-                    raise UserError(f"{where}: {e}") from None
-                label_map = str(label_map)
+            label_map = _datalist_map(entry.get("label_map"), base, where)
             if not image.exists():
                 problem(f"{where}: image {image} does not exist")
             if label is None:
@@ -608,12 +616,7 @@ def _discover_datalist(path: Path, strict: bool) -> Discovery:
             name = str(entry.get("name") or _case_name(image))
             cases.append(CasePaths(name, image, label, label_map, split))
     if obj.get("label_map") is not None:
-        label_map = str(obj["label_map"])
-        try:
-            parse_label_map(label_map)
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
-        found, source = label_map, f'"label_map" in {path.name}'
+        found, source = _datalist_map(obj["label_map"], base, str(path)), f'"label_map" in {path.name}'
     elif isinstance(obj.get("labels"), dict):
         names = _names_from_dataset_json(path)
         found = map_from_label_names(names, str(path)) if names else None
@@ -630,7 +633,7 @@ def discover(data: str | Path, strict: bool = True) -> Discovery:
     missing pair is a UserError; otherwise it is listed in problems and the case kept without label."""
     root = Path(data).expanduser()
     if not root.exists():
-        raise UserError(f"{root}: no such file or folder; pass --data with a dataset: {LAYOUTS_HELP}")
+        raise UserError(f"{root}: no such file or folder; expected a dataset: {LAYOUTS_HELP}")
     if root.is_file():
         if not root.name.lower().endswith(".json"):
             raise UserError(f"{root}: not a dataset folder or a datalist .json; expected {LAYOUTS_HELP}")
@@ -670,15 +673,15 @@ def detect_label_map(root: str | Path) -> str:
 
 def case_label_maps(found: Discovery, label_map: str = "auto") -> list[str]:
     """The source label map of each case: its own (datalist entry, TotalSegmentator masks), else
-    label_map, else (auto) the detected one. Each is validated."""
+    label_map, else (auto) the detected one; as LABEL_MAPS names or canonical SRC:OURS pairs (a
+    .json file's content), so a checkpoint that records them needs no file."""
     out = []
     for case in found.cases:
         name = case.label_map or (found.label_map if label_map == "auto" else label_map)
         if name is None:
             raise UserError(f"{found.root}: cannot tell the label map ({found.label_map_source}); pass --label-map: "
                             f"{LABEL_MAP_HELP}")
-        parse_label_map(name)
-        out.append(name)
+        out.append(parse_label_map(name).name)
     return out
 
 
@@ -1023,6 +1026,10 @@ def check_case(case: CasePaths, label_map: str | None) -> tuple[str, list[str]]:
     return "; ".join(parts), problems
 
 
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
 def check_dataset(data: str | Path, label_map: str = "auto", out=print) -> int:
     """Reports every case of the dataset at data (check_case) and every problem found, with a
     summary line; returns the number of problems."""
@@ -1031,13 +1038,16 @@ def check_dataset(data: str | Path, label_map: str = "auto", out=print) -> int:
     try:
         maps: list[str | None] = list(case_label_maps(found, label_map))
         names = ", ".join(dict.fromkeys(maps)) or "none"
-        source = ("the cases' own entries" if found.cases and all(c.label_map for c in found.cases)
-                  else found.label_map_source if label_map == "auto" else "--label-map")
-        out(f"{found.root}: {found.layout} layout, {len(found.cases)} cases, label map {names} (from {source})")
+        if label_map == "auto" or any(m != label_map for m in maps):
+            own = found.cases and all(c.label_map for c in found.cases) and set(maps) != {found.label_map}
+            source = "the cases' own entries" if own else found.label_map_source
+        else:
+            source = "--label-map"
+        out(f"{found.root}: {found.layout} layout, {_count(found.cases, 'case')}, label map {names} (from {source})")
     except UserError as e:
         problems.append(str(e))
         maps = [None] * len(found.cases)
-        out(f"{found.root}: {found.layout} layout, {len(found.cases)} cases, label map unknown")
+        out(f"{found.root}: {found.layout} layout, {_count(found.cases, 'case')}, label map unknown")
     for note in found.notes:
         out(f"  note: {note}")
     for p in problems:
@@ -1050,8 +1060,8 @@ def check_dataset(data: str | Path, label_map: str = "auto", out=print) -> int:
             out(f"  problem: {p}")
         bad_cases += bool(case_problems)
         problems += case_problems
-    out(f"checked {len(found.cases)} cases: {len(found.cases) - bad_cases} fine, {bad_cases} with problems; "
-        f"{len(problems)} problems in all")
+    out(f"checked {_count(found.cases, 'case')}: {len(found.cases) - bad_cases} fine, {bad_cases} with problems; "
+        f"{_count(problems, 'problem')} in all")
     return len(problems)
 
 

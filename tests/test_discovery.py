@@ -248,7 +248,7 @@ def test_undetectable_label_map_needs_the_flag(tmp_path):
     assert found.label_map is None
     with pytest.raises(UserError, match="cannot tell the label map .* pass --label-map"):
         case_label_maps(found)
-    assert case_label_maps(found, "6:1,2:2,3:3,1:4,11:0") == ["6:1,2:2,3:3,1:4,11:0"] * 2
+    assert case_label_maps(found, "6:1,2:2,3:3,1:4,11:0") == ["1:4,2:2,3:3,6:1,11:0"] * 2
     assert np.array_equal(loaded_label(found.cases[0], "6:1,2:2,3:3,1:4,11:0"), ours())
 
 
@@ -269,6 +269,11 @@ def test_custom_label_maps(tmp_path):
     path = tmp_path / "map.json"
     path.write_text(json.dumps({"6": 1, "2": "right_kidney", "3": 3, "1": "spleen", "4-13": 0}))
     assert parse_label_map(str(path)).fingerprint() == parse_label_map("btcv").fingerprint()
+    (tmp_path / "lists").mkdir()
+    write_pair(tmp_path / "img.nii.gz", tmp_path / "seg.nii.gz", BTCV)
+    entry = {"image": "../img.nii.gz", "label": "../seg.nii.gz", "label_map": "../map.json"}
+    (tmp_path / "lists" / "d.json").write_text(json.dumps({"training": [entry]}))
+    assert case_label_maps(discover(tmp_path / "lists" / "d.json")) == ["1:4,2:2,3:3,6:1,4-5:0,7-13:0"]
     for bad, message in [("6:7", "target '7'"), ("x:1", "source 'x'"), ("1:1,1:2", "mapped twice"), ("1", "unknown label map"),
                          ("2:0", "maps nothing"), ("*:1", "only map to 0")]:
         with pytest.raises(UserError, match=message):
@@ -355,7 +360,7 @@ def test_check_a_good_dataset_exits_0(tmp_path, capsys):
     run_cli(dataset.main, dataset.parse_args(["--check", str(tmp_path)]))
     out = capsys.readouterr().out
     assert "label map identity (from TotalSegmentator per-organ masks)" in out
-    assert "checked 1 cases: 1 fine, 0 with problems; 0 problems in all" in out
+    assert "checked 1 case: 1 fine, 0 with problems; 0 problems in all" in out
 
 
 def test_check_flags_kidneys_on_the_wrong_side(tmp_path, capsys):
