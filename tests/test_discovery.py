@@ -359,7 +359,7 @@ def test_check_a_good_dataset_exits_0(tmp_path, capsys):
     write_totalseg_case(tmp_path / "s0001")
     run_cli(dataset.main, dataset.parse_args(["--check", str(tmp_path)]))
     out = capsys.readouterr().out
-    assert "label map identity (from TotalSegmentator per-organ masks)" in out
+    assert "totalseg layout, 1 case" in out and "label map identity (from " in out
     assert "checked 1 case: 1 fine, 0 with problems; 0 problems in all" in out
 
 
