@@ -346,6 +346,7 @@ class PatchDataset(Dataset):
 
 def _check_main(argv: list[str] | None = None) -> None:
     import argparse
+    import sys
 
     from utils import run_cli
 
@@ -357,10 +358,18 @@ def _check_main(argv: list[str] | None = None) -> None:
         cases = find_cases(args.check)
         name = detect_label_map(args.check) if args.label_map == "auto" else args.label_map
         prep = Preprocessing()
+        bad = 0
         for case in cases:
-            v = load_case(case, prep, name)
+            try:
+                v = load_case(case, prep, name)
+            except UserError as e:  # one line per problem; the other cases are still checked
+                bad += 1
+                print(f"error: {e}", file=sys.stderr)
+                continue
             present = [LABELS[c] for c in np.unique(v.label) if c]
             print(f"{case.name}: grid {v.image.shape}, organs {', '.join(present) or 'none'}")
+        if bad:
+            raise UserError(f"{args.check}: {bad} of {len(cases)} cases have problems (listed above); fix or remove them")
 
     run_cli(main, p.parse_args(argv))
 
