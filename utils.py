@@ -158,9 +158,9 @@ def load_checkpoint(path: str | Path) -> dict:
                         f"download or copy it again") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror or first_line(e)}); check the path and permissions") from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError... for truncated or garbled files
-        raise UserError(f"{path}: not a PyTorch checkpoint, or a damaged one ({type(e).__name__}: {first_line(e, 80)}); "
-                        f"download or copy it again") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for truncated or garbled files
+        detail = first_line(e, 80) if isinstance(e, RuntimeError) else "unreadable data"
+        raise UserError(f"{path}: not a PyTorch checkpoint, or a damaged one ({detail}); download or copy it again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint of this project (format {CHECKPOINT_FORMAT}); "
                         f"use one written by train.py")
