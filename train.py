@@ -4,9 +4,13 @@
     python train.py --data DIR           # FLARE22, BTCV, AMOS, WORD, MSD, TotalSegmentator, nnU-Net folder
     python train.py --data LIST.json     # a datalist: {"training": [{"image": ..., "label": ...}]}
     python train.py --resume checkpoints/RUN
+    python train.py --deterministic      # bit-for-bit reproducible, also across a kill and --resume
 
 A run folder under checkpoints/ receives best.pt and last.pt (plain dicts, loadable with
-torch.load(..., weights_only=True)), metrics.csv, metrics.json and curves.png.
+torch.load(..., weights_only=True)), metrics.csv, metrics.json and curves.png, each written
+atomically. A run killed at any moment (even mid-save) continues with --resume from the last
+epoch that completed; with --deterministic it then ends with the weights an uninterrupted run
+would have reached.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from utils import (
     ORGANS,
     Preprocessing,
     UserError,
+    check_writable_folder,
     configure_torch,
     dice_per_organ,
     load_checkpoint,
@@ -82,6 +87,7 @@ class TrainConfig:
     synthetic_cases: int = 40  # phantoms generated when no dataset is found
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
     device: str = "auto"
+    deterministic: bool = False  # deterministic algorithms only: same seed, same weights, even across --resume
 
     def resolve(self, device: torch.device) -> TrainConfig:
         """Fills the device-dependent defaults (fields left at 0 or empty)."""
@@ -133,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop after this many minutes, whole run (default: 13 on CPU with default settings, none on CUDA)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--resume", default="", help="run folder or last.pt to continue (default: start a new run)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only, so a seed always gives the same weights, also across --resume "
+                        "(slower on CUDA; default: off)")
     return p.parse_args(argv)
 
 
@@ -256,10 +265,80 @@ def write_csv(history: list[dict], path: Path) -> None:
 
 def find_resume(path: str) -> Path:
     p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such run folder or checkpoint; pass a run folder (or its last.pt) to --resume")
     ckpt = p / "last.pt" if p.is_dir() else p
     if not ckpt.exists():
-        raise UserError(f"{ckpt}: no checkpoint to resume; pass a run folder that holds last.pt")
+        raise UserError(f"{ckpt}: no checkpoint to resume (the run stopped before its first epoch ended); "
+                        f"delete {p} and start the run again")
     return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety and reproducibility
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Fails before any work when the run folder exists or cannot be created."""
+    if run_dir.exists():
+        raise UserError(f"{run_dir}: the run folder exists; continue it with --resume {run_dir}, "
+                        f"or pass another --run")
+    parent = run_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    check_writable_folder(parent, run_dir, "--out")
+
+
+def resume_state(path: Path) -> dict:
+    """The checkpoint to continue from: a full one (last.pt) with optimiser and scheduler."""
+    state = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scheduler", "train_config", "history", "epoch") if k not in state]
+    if missing:
+        raise UserError(f"{path}: holds no {', '.join(missing)} (a best.pt or a shipped model); resume from the run "
+                        f"folder or its last.pt")
+    return state
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files of saves a kill interrupted (utils.atomic_write names them .NAME.*.tmp*)."""
+    for p in run_dir.glob(".*.tmp*"):
+        p.unlink(missing_ok=True)
+
+
+def repair_run_dir(run_dir: Path, state: dict, history: list[dict]) -> None:
+    """Brings a killed run's folder back in line with the last.pt it resumes from: drops the
+    temporary files of interrupted saves, writes best.pt again when last.pt is the best epoch but
+    the kill came before best.pt was saved, and writes the metrics table and curves of its history."""
+    remove_stale_temporaries(run_dir)
+    best_path = run_dir / "best.pt"
+    if state["best_epoch"] == state["epoch"]:
+        try:
+            stale = load_checkpoint(best_path).get("epoch") != state["epoch"]
+        except UserError:
+            stale = True
+        if stale:
+            save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler")}, best_path)
+    if history:
+        write_csv(history, run_dir / "metrics.csv")
+        plot_curves(history, run_dir / "curves.png")
+
+
+def make_deterministic() -> None:
+    """Deterministic algorithms only (an error for an operation that has none). cuBLAS needs its
+    workspace fixed before its first use, cuDNN its autotuner off."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seeds every generator from (seed, epoch) at the start of each epoch, so dropout and any other
+    random draw of epoch e are the same whether the run got there uninterrupted or by --resume."""
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,14 +347,18 @@ def find_resume(path: str) -> Path:
 def main(args: argparse.Namespace) -> dict:
     t_start = time.time()
     resume = find_resume(args.resume) if args.resume else None
-    state = load_checkpoint(resume) if resume else None
+    state = resume_state(resume) if resume else None
     if state is not None:
         cfg = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
         if args.epochs:
             cfg.epochs = args.epochs
+        cfg.deterministic = cfg.deterministic or args.deterministic
         run_dir = resume.parent
+        check_writable_folder(run_dir, resume, "--resume")
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "max_minutes"})
+        run_dir = Path(cfg.out) / (cfg.run or time.strftime("%Y%m%d-%H%M%S"))
+        check_new_run_dir(run_dir)
     device = pick_device(cfg.device)
     defaults = all(getattr(args, k) == getattr(TrainConfig, k) for k in ("epochs", "steps_per_epoch", "patch", "preset"))
     cfg.max_minutes = args.max_minutes if args.max_minutes is not None else (
@@ -283,7 +366,14 @@ def main(args: argparse.Namespace) -> dict:
     cfg = cfg.resolve(device)
     if cfg.patch % 16:
         raise UserError(f"--patch {cfg.patch}: must be a multiple of 16 (the VNet halves it four times)")
+    if cfg.batch_size < 1 or cfg.steps_per_epoch < 1 or cfg.epochs < 1:
+        raise UserError("--batch-size, --steps-per-epoch and --epochs must be at least 1")
+    if cfg.batch_size * (cfg.patch // 16) ** 3 < 2 and PRESETS[cfg.preset].norm == "batch":
+        raise UserError(f"--patch {cfg.patch} with --batch-size {cfg.batch_size}: the VNet's deepest stage holds one "
+                        f"voxel, and batch norm needs two values; use --batch-size 2 or a larger --patch")
     configure_torch(device)
+    if cfg.deterministic:
+        make_deterministic()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -296,12 +386,15 @@ def main(args: argparse.Namespace) -> dict:
     aug = AugmentConfig()
     patch = (cfg.patch,) * 3
     train_set = PatchDataset(train_vols, prep, patch, cfg.steps_per_epoch * cfg.batch_size, aug, cfg.seed)
+    # Workers are not persistent: they hold a copy of train_set taken when they start, so only
+    # workers started after set_epoch() draw that epoch's patches.
     loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if cfg.workers > 0 else None)
 
     # Model, loss, optimiser, schedule
     # Channels-last 3D: oneDNN and cuDNN both run 3D convolutions faster in this layout.
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on what ran before
     model = build_vnet(cfg.preset).to(device).to(memory_format=torch.channels_last_3d)
     loss_fn = DiceCELoss()
     if cfg.optimizer == "adamw":
@@ -321,11 +414,12 @@ def main(args: argparse.Namespace) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         history = list(state["history"])
         best, best_epoch, start_epoch = state["best_metric"], state["best_epoch"], state["epoch"] + 1
-        print(f"resuming {run_dir} at epoch {start_epoch}")
+        print(f"resuming {run_dir} at epoch {start_epoch + 1}")
     else:
-        run_dir = Path(cfg.out) / (cfg.run or time.strftime("%Y%m%d-%H%M%S"))
         run_dir.mkdir(parents=True, exist_ok=False)
     print(f"{len(train_vols)} training / {len(val_vols)} validation cases from {data} (labels: {label_map}); "
           f"VNet '{cfg.preset}' {count_parameters(model) / 1e6:.1f} M parameters on {device}; "
@@ -351,7 +445,11 @@ def main(args: argparse.Namespace) -> dict:
         if full:
             ckpt["optimizer"] = opt.state_dict()
             ckpt["scheduler"] = sched.state_dict()
+            ckpt["scaler"] = scaler.state_dict()
         return ckpt
+
+    if state is not None:
+        repair_run_dir(run_dir, state, history)
 
     # Training loop
     stopped = "finished all epochs"
@@ -359,6 +457,7 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
+        seed_epoch(cfg.seed, epoch)
         train_set.set_epoch(epoch)
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
@@ -386,8 +485,11 @@ def main(args: argparse.Namespace) -> dict:
         improved = metrics["mean"] > best + 1e-4
         if improved:
             best, best_epoch = metrics["mean"], epoch
-            save_checkpoint(checkpoint(epoch, metrics, full=False), run_dir / "best.pt")
+        # last.pt first: a kill between the two saves leaves a last.pt that names this epoch as the
+        # best, from which --resume rewrites best.pt (repair_run_dir).
         save_checkpoint(checkpoint(epoch, metrics, full=True), run_dir / "last.pt")
+        if improved:
+            save_checkpoint(checkpoint(epoch, metrics, full=False), run_dir / "best.pt")
         write_csv(history, run_dir / "metrics.csv")
         plot_curves(history, run_dir / "curves.png")
         organs = "  ".join(f"{o} {metrics[o]:.3f}" for o in ORGANS)
