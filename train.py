@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default="", help="run folder or last.pt to continue (default: start a new run)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only, so a seed always gives the same weights, also across --resume "
-                        "(slower on CUDA; default: off)")
+                        "(slower on CUDA)")
     return p.parse_args(argv)
 
 

@@ -594,7 +594,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--antialias", choices=ANTIALIAS, default="fxaa",
                    help="edge smoothing: fxaa (cheap), msaa (4x multisampling, slower), none (fastest)")
     p.add_argument("--title", help="title above the view; None: the input file name")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (else an existing one is an error)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p.parse_args(argv)
 
