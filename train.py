@@ -317,7 +317,8 @@ def repair_run_dir(run_dir: Path, state: dict, history: list[dict]) -> None:
         except UserError:
             stale = True
         if stale:
-            save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler")}, best_path)
+            resume_only = ("optimizer", "scheduler", "scaler", "threads")
+            save_checkpoint({k: v for k, v in state.items() if k not in resume_only}, best_path)
     if history:
         write_csv(history, run_dir / "metrics.csv")
         plot_curves(history, run_dir / "curves.png")
@@ -418,6 +419,11 @@ def main(args: argparse.Namespace) -> dict:
             scaler.load_state_dict(state["scaler"])
         history = list(state["history"])
         best, best_epoch, start_epoch = state["best_metric"], state["best_epoch"], state["epoch"] + 1
+        threads = state.get("threads", torch.get_num_threads())
+        if cfg.deterministic and device.type == "cpu" and threads != torch.get_num_threads():
+            # CPU reductions split work by thread: the same weights need the same thread count.
+            print(f"note: {threads} CPU threads as in the interrupted run (here {torch.get_num_threads()} by default)")
+            torch.set_num_threads(threads)
         print(f"resuming {run_dir} at epoch {start_epoch + 1}")
     else:
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -446,6 +452,7 @@ def main(args: argparse.Namespace) -> dict:
             ckpt["optimizer"] = opt.state_dict()
             ckpt["scheduler"] = sched.state_dict()
             ckpt["scaler"] = scaler.state_dict()
+            ckpt["threads"] = torch.get_num_threads()
         return ckpt
 
     if state is not None:

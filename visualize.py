@@ -238,12 +238,13 @@ def context_surfaces(ct_path: str | Path, smooth_iter: int) -> list[tuple[str, o
     if not np.issubdtype(hu.dtype, np.number) or hu.dtype == np.bool_:
         raise UserError(f"{ct_path}: voxels of type {hu.dtype} are not HU; pass the CT image")
     factors = block_factors(affine, CT_MM)
-    hu = hu.astype(np.float32, copy=False)
-    bad = ~np.isfinite(hu)
-    if bad.any():  # as infer.py does: the scan stays usable, the damaged voxels count as air
-        print(f"warning: {ct_path}: {int(bad.sum())} NaN or infinite voxels, treated as air (-1024 HU)", file=sys.stderr)
-        hu = np.where(bad, np.float32(-1024), hu)
-    coarse = block_mean(hu, factors)
+    if np.issubdtype(hu.dtype, np.floating):
+        bad = ~np.isfinite(hu)
+        if bad.any():  # as infer.py does: the scan stays usable, the damaged voxels count as air
+            print(f"warning: {ct_path}: {int(bad.sum())} NaN or infinite voxels, treated as air (-1024 HU)",
+                  file=sys.stderr)
+            hu = np.where(bad, np.float32(-1024), hu)
+    coarse = block_mean(hu.astype(np.float32, copy=False), factors)
     if coarse.max() < BODY_HU or coarse.min() > BODY_HU:
         raise UserError(f"{ct_path}: no body surface at {BODY_HU:.0f} HU (values {coarse.min():.0f}.."
                         f"{coarse.max():.0f}); is this a CT in HU?")
