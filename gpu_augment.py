@@ -64,10 +64,11 @@ def augment_batch(batch: dict, prep: Preprocessing, aug: AugmentConfig, device: 
     theta = batch["theta"].to(device, non_blocking=True)
     grid = F.affine_grid(theta, [len(theta), 1, *batch["out_size"]], align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    image = (image - prep.mean) / prep.std
+    image.sub_(prep.mean).div_(prep.std)
     label = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                           align_corners=False)[:, 0].long()
     swapped = torch.from_numpy(LR_SWAP).to(device).long()[label]
     label = torch.where(batch["mirrored"].to(device)[:, None, None, None], swapped, label)
-    image = torch.stack([augment_intensity(image[n], rng, aug) for n, rng in enumerate(batch["rng"])])
+    for n, rng in enumerate(batch["rng"]):
+        augment_intensity(image[n], rng, aug)  # in place, on the batch's own storage
     return image, label

@@ -23,7 +23,8 @@ the way in and undone exactly on the way out.
 
 Method: Gaussian-weighted sliding windows on the preprocessed grid (--window: by default the
 training patch enlarged to 160 voxels a side, for speed: fewer voxels computed twice; --overlap,
---sw-batch), softmax probabilities resampled to the input grid and argmaxed slab by slab
+--sw-batch; out of GPU memory, fewer windows per call, then the sums kept on the CPU, with a
+warning), softmax probabilities resampled to the input grid and argmaxed slab by slab
 (memory bounded for any scan size), then the largest connected component of each organ
 (26-connectivity; --no-postprocess to keep all). --tta adds mirrored predictions (8 passes, or
 --tta-axes), the kidney channels swapped back for left-right mirrors. Mixed precision on CUDA.
@@ -65,7 +66,9 @@ from utils import (
     NUM_CLASSES,
     Preprocessing,
     UserError,
+    check_writable_folder,
     configure_torch,
+    first_line,
     load_checkpoint,
     load_nifti,
     model_from_checkpoint,
@@ -190,8 +193,7 @@ def collect_cases(args: argparse.Namespace) -> tuple[list[Case], bool]:
 
     out = Path(args.output)
     if single and is_nifti(out):
-        if not out.parent.is_dir():
-            raise UserError(f"{out}: the folder {out.parent} does not exist; create it or choose another --output")
+        check_writable_folder(out.parent, out, "--output")
         outputs = [out]
         png_of = out.with_name(case_name(out) + ".png")
         pngs = [png_of]
@@ -200,8 +202,7 @@ def collect_cases(args: argparse.Namespace) -> tuple[list[Case], bool]:
             raise UserError(f"{out}: a file name, but {src} holds {len(sources)} scans; pass a folder as --output")
         if out.exists() and not out.is_dir():
             raise UserError(f"{out}: exists and is not a folder; pass a folder or a .nii.gz file as --output")
-        if not out.exists() and not out.parent.is_dir():
-            raise UserError(f"{out}: its parent folder {out.parent} does not exist; create it first")
+        check_writable_folder(out if out.exists() else out.parent, out, "--output")
         names = [case_name(s) for s in sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -374,6 +375,7 @@ class Segmenter:
         self.overlap = overlap
         self.sw_batch = sw_batch
         self.device = device
+        self.stitch_on_cpu = False  # set by the out-of-memory fallback
         self.mirrors = mirror_sets(tta_axes) if tta_axes else []
         self.amp_dtype = None
         if amp and device.type == "cuda":
@@ -407,13 +409,44 @@ class Segmenter:
         return tuple(min(r, -(-s // 16) * 16) for r, s in zip(self.roi, shape))
 
     @torch.inference_mode()
-    def probabilities(self, volume: torch.Tensor) -> torch.Tensor:
-        """(X', Y', Z') normalised CT on the preprocessed grid -> (C, X', Y', Z') float32
-        probabilities on the model's device."""
+    def _probabilities(self, volume: torch.Tensor) -> torch.Tensor:
         x = volume.to(self.device)[None, None]
         air = (self.prep.clip[0] - self.prep.mean) / self.prep.std
         return sliding_window_inference(x, self.window_for(tuple(volume.shape)), self.sw_batch, self.predictor,
-                                         overlap=self.overlap, pad_value=air)[0]
+                                         overlap=self.overlap, pad_value=air,
+                                         out_device="cpu" if self.stitch_on_cpu else None)[0]
+
+    def _can_fall_back(self) -> bool:
+        return self.sw_batch > 1 or not self.stitch_on_cpu
+
+    def _fall_back(self, reason: str) -> None:
+        """After an out-of-memory error: the next lighter setting (half the windows per network
+        call down to one, then the sums kept on the CPU), announced on stderr. Settings stay
+        lighter for the scans that follow."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.sw_batch > 1:
+            self.sw_batch = max(1, self.sw_batch // 2)
+            warn(f"out of memory on {self.device} ({reason}); retrying with {self.sw_batch} window(s) per network "
+                 f"call (--sw-batch {self.sw_batch})")
+        else:
+            self.stitch_on_cpu = True
+            warn(f"out of memory on {self.device} with one window per call ({reason}); retrying with the windows "
+                 f"stitched on the CPU (slower)")
+
+    def probabilities(self, volume: torch.Tensor) -> torch.Tensor:
+        """(X', Y', Z') normalised CT on the preprocessed grid -> (C, X', Y', Z') float32
+        probabilities on the model's device (on the CPU once stitching has fallen back there).
+        Out of GPU memory, retries with lighter settings (_fall_back) before giving up."""
+        while True:
+            try:
+                return self._probabilities(volume)
+            except torch.OutOfMemoryError as e:
+                if not self._can_fall_back():
+                    raise
+                reason = first_line(e, 80)
+            # Outside the except block, so the failed attempt's tensors are freed with its traceback.
+            self._fall_back(reason)
 
     def segment(self, hu: np.ndarray, affine: np.ndarray, postprocess: bool = True, timer: Timer | None = None
                 ) -> np.ndarray:
@@ -425,8 +458,18 @@ class Segmenter:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         timer.lap("network")
-        with torch.inference_mode():
-            labels = probs_to_input_grid(probs, info)
+        try:
+            with torch.inference_mode():
+                labels = probs_to_input_grid(probs, info)
+        except torch.OutOfMemoryError:
+            labels = None
+        if labels is None:  # the slabs at the input's resolution did not fit on the GPU either
+            warn(f"out of memory on {self.device} resampling to the input grid; resampling on the CPU (slower)")
+            probs = probs.cpu()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            with torch.inference_mode():
+                labels = probs_to_input_grid(probs, info)
         del probs
         timer.lap("resample")
         if postprocess:
@@ -591,7 +634,7 @@ def main(args: argparse.Namespace) -> dict:
         except Exception as e:  # one broken scan must not stop a batch; a single scan shows the traceback
             if single:
                 raise
-            failed[case.name] = f"{case.source}: {type(e).__name__}: {e}"
+            failed[case.name] = f"{case.source}: {type(e).__name__}: {first_line(e, 200)}"
             print(f"error: {failed[case.name]}", file=sys.stderr)
 
     if d.enabled:

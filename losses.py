@@ -69,5 +69,8 @@ class DiceCELoss(nn.Module):
             target = target[:, 0]
         loss = self.dice_weight * dice_loss(logits, target, self.include_background, self.batch)
         if self.ce_weight:
-            loss = loss + self.ce_weight * F.cross_entropy(logits.float(), target.long())
+            # Cross-entropy as log-softmax and gather: the value of F.cross_entropy, but CUDA has a
+            # deterministic gather backward and no deterministic nll_loss (train.py --deterministic).
+            log_probs = F.log_softmax(logits.float(), dim=1)
+            loss = loss - self.ce_weight * log_probs.gather(1, target.long()[:, None]).mean()
         return loss

@@ -1,12 +1,17 @@
 """Train a VNet to segment liver, kidneys and spleen in abdominal CT.
 
     python train.py                      # data/ if it holds a dataset, else built-in phantoms
-    python train.py --data DIR           # an nnU-Net-style folder: imagesTr/ + labelsTr/
+    python train.py --data DIR           # FLARE22, BTCV, AMOS, WORD, MSD, TotalSegmentator, nnU-Net folder
+    python train.py --data LIST.json     # a datalist: {"training": [{"image": ..., "label": ...}]}
     python train.py --resume checkpoints/RUN
+    python train.py --deterministic      # bit-for-bit reproducible, also across a kill and --resume
     torchrun --standalone --nproc_per_node=4 train.py ...   # four GPUs (see distributed.py)
 
 A run folder under checkpoints/ receives best.pt and last.pt (plain dicts, loadable with
-torch.load(..., weights_only=True)), metrics.csv, metrics.json and curves.png.
+torch.load(..., weights_only=True)), metrics.csv, metrics.json and curves.png, each written
+atomically. A run killed at any moment (even mid-save) continues with --resume from the last
+epoch that completed; with --deterministic it then ends with the weights an uninterrupted run
+would have reached.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import math
 import os
 import random
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -31,13 +35,17 @@ from tqdm import tqdm
 
 import distributed
 from dataset import (
+    LABEL_MAP_HELP,
+    LAYOUTS_HELP,
     AugmentConfig,
     PatchDataset,
     Volume,
-    detect_label_map,
-    find_cases,
+    case_label_maps,
+    default_cache_dir,
+    discover,
     intensity_stats,
-    load_case,
+    locate_datasets,
+    prepare_volumes,
 )
 from gpu_augment import augment_batch, collate_crops
 from losses import DiceCELoss
@@ -47,6 +55,7 @@ from utils import (
     ORGANS,
     Preprocessing,
     UserError,
+    check_writable_folder,
     configure_torch,
     dice_per_organ,
     load_checkpoint,
@@ -59,13 +68,14 @@ from vnet import PRESETS, build_vnet, count_parameters
 
 @dataclass
 class TrainConfig:
-    data: str = "data"  # dataset folder; "data" falls back to generated phantoms when it holds none
+    data: str = "data"  # dataset folder or datalist .json; "data" falls back to generated phantoms when it holds none
     out: str = "checkpoints"  # parent of the run folder
     run: str = ""  # run folder name; empty: a timestamp
-    label_map: str = "auto"  # source label map (dataset.LABEL_MAPS); auto: from dataset.json
-    preset: str = ""  # VNet preset; empty: "vnet" on CUDA, "small" on CPU
+    label_map: str = "auto"  # source label map (dataset.LABEL_MAPS, or SRC:OURS pairs); auto: detected
+    cache: str = ""  # preprocessing cache folder; "": $ABDOMEN_VNET_CACHE or ~/.cache/abdomen-vnet; "off": none
+    preset: str = ""  # VNet preset; empty: "vnet" on CUDA, "medium" on CPU
     spacing: float = 0.0  # mm, isotropic training grid; 0: 1.5 on CUDA, 3.0 on CPU (4x fewer voxels)
-    patch: int = 0  # patch side in voxels (multiple of 16); 0: 128 on CUDA, 64 on CPU
+    patch: int = 0  # patch side in voxels (multiple of 16); 0: 128 on CUDA, 48 on CPU
     batch_size: int = 2
     epochs: int = 0  # 0: 100 on CUDA, 40 on CPU
     steps_per_epoch: int = 0  # optimiser steps per epoch; 0: 250 on CUDA, 40 on CPU
@@ -83,13 +93,14 @@ class TrainConfig:
     synthetic_cases: int = 40  # phantoms generated when no dataset is found
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
     device: str = "auto"
+    deterministic: bool = False  # deterministic algorithms only: same seed, same weights, even across --resume
 
     def resolve(self, device: torch.device) -> TrainConfig:
         """Fills the device-dependent defaults (fields left at 0 or empty)."""
         cuda = device.type == "cuda"
         c = TrainConfig(**asdict(self))
-        c.preset = c.preset or ("vnet" if cuda else "small")
-        c.patch = c.patch or (128 if cuda else 64)
+        c.preset = c.preset or ("vnet" if cuda else "medium")
+        c.patch = c.patch or (128 if cuda else 48)
         c.spacing = c.spacing or (1.5 if cuda else 3.0)
         c.epochs = c.epochs or (100 if cuda else 40)
         c.steps_per_epoch = c.steps_per_epoch or (250 if cuda else 40)
@@ -107,16 +118,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a VNet for liver, kidneys and spleen in CT.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()
-    p.add_argument("--data", default=d.data, help="dataset folder (imagesTr/ + labelsTr/); the default 'data' "
+    p.add_argument("--data", default=d.data, help=f"dataset folder or datalist: {LAYOUTS_HELP}; the default 'data' "
                    "falls back to built-in phantoms in data/synthetic/ when it holds no dataset")
     p.add_argument("--out", default=d.out, help="folder for run folders")
     p.add_argument("--run", "--run-name", dest="run", default=d.run,
                    help="run folder name (default: a timestamp); under torchrun spell it --run-name, as torchrun "
                    "takes --run for its own --run-path")
-    p.add_argument("--label-map", default=d.label_map, help="source label map: identity, flare22 or auto")
-    p.add_argument("--preset", default=d.preset, choices=["", *PRESETS], help="VNet preset ('': vnet on CUDA, small on CPU)")
+    p.add_argument("--label-map", default=d.label_map, help=LABEL_MAP_HELP)
+    p.add_argument("--cache", default=d.cache, help="folder for preprocessed volumes, reused while settings and files "
+                   "are unchanged ('': $ABDOMEN_VNET_CACHE or ~/.cache/abdomen-vnet; 'off': preprocess in memory)")
+    p.add_argument("--preset", default=d.preset, choices=["", *PRESETS], help="VNet preset ('': vnet on CUDA, medium on CPU)")
     p.add_argument("--spacing", type=float, default=d.spacing, help="training voxel size, mm (0: 1.5 on CUDA, 3.0 on CPU)")
-    p.add_argument("--patch", type=int, default=d.patch, help="patch side in voxels, multiple of 16 (0: 128 CUDA, 64 CPU)")
+    p.add_argument("--patch", type=int, default=d.patch, help="patch side in voxels, multiple of 16 (0: 128 CUDA, 48 CPU)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (0: 100 on CUDA, 40 on CPU)")
     p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps per epoch (0: 250 CUDA, 40 CPU)")
@@ -129,16 +142,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed, help="random seed")
     p.add_argument("--workers", type=int, default=d.workers, help="loader workers (-1: spare cores up to 8 on CUDA, 0 on CPU)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA (default: on)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (default: off; "
-                   "minutes of compiling first, slower on CPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training "
+                   "(minutes of compiling first; slower on CPUs)")
     p.add_argument("--gpu-augment", action="store_true", help="loader returns un-warped crops; the spatial warp and "
-                   "intensity augmentation run batched on the training device (default: off; for when the "
-                   "loader cannot keep up with the GPU)")
+                   "intensity augmentation run batched on the training device (for when the loader "
+                   "cannot keep up with the GPU)")
     p.add_argument("--synthetic-cases", type=int, default=d.synthetic_cases, help="phantoms to generate when no data")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this many minutes, whole run (default: 13 on CPU with default settings, none on CUDA)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--resume", default="", help="run folder or last.pt to continue (default: start a new run)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only, so a seed always gives the same weights, also across --resume "
+                        "(slower on CUDA)")
     return p.parse_args(argv)
 
 
@@ -148,13 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_data(cfg: TrainConfig) -> Path:
     """The dataset folder to train on; generates the phantom set when data/ holds none."""
     root = Path(cfg.data)
-    if cfg.data != TrainConfig.data:
+    if cfg.data != TrainConfig.data or (root.is_dir() and locate_datasets(root)):
         return root
-    if (root / "imagesTr").is_dir():
-        return root
-    found = sorted(p.parent for p in root.glob("*/imagesTr") if p.is_dir()) if root.is_dir() else []
-    if found:
-        return found[0]
     synthetic = root / "synthetic"
     print(f"{root}/ holds no dataset: generating {cfg.synthetic_cases} synthetic phantoms into {synthetic}/ (once)")
     from phantom import write_dataset
@@ -163,20 +174,38 @@ def resolve_data(cfg: TrainConfig) -> Path:
     return synthetic
 
 
-def load_volumes(data: Path, cfg: TrainConfig) -> tuple[list[Volume], list[Volume], Preprocessing, str]:
-    cases = find_cases(data)
+def cache_dir(cfg: TrainConfig) -> Path | None:
+    """The preprocessing cache folder --cache names (None: 'off', preprocess in memory)."""
+    if cfg.cache.lower() in ("off", "none"):
+        return None
+    return Path(cfg.cache).expanduser() if cfg.cache else default_cache_dir()
+
+
+def load_volumes(data: Path, cfg: TrainConfig, report: bool = True
+                 ) -> tuple[list[Volume], list[Volume], Preprocessing, str]:
+    """(training volumes, validation volumes, preprocessing with the training set's intensity
+    statistics, label map name); report: print notes and progress (one rank of several does)."""
+    found = discover(data)
+    cases = found.cases
     if len(cases) < 2:
-        raise UserError(f"{data}: {len(cases)} case found; training needs at least 2 (one for validation)")
-    label_map = detect_label_map(data) if cfg.label_map == "auto" else cfg.label_map
+        raise UserError(f"{found.root}: {len(cases)} case found; training needs at least 2 (one for validation)")
+    maps = case_label_maps(found, cfg.label_map)
+    label_map = "+".join(dict.fromkeys(maps))
+    if report:
+        for note in found.notes:
+            print(f"note: {note}")
     prep = Preprocessing(spacing=(cfg.spacing,) * 3)
     workers = max(1, min(4, os.cpu_count() or 1, len(cases)))
-    with ProcessPoolExecutor(workers) as pool:
-        jobs = pool.map(load_case, cases, [prep] * len(cases), [label_map] * len(cases))
-        volumes = list(tqdm(jobs, total=len(cases), desc="loading", unit="case", disable=not distributed.is_main()))
-    order = np.random.default_rng(cfg.seed).permutation(len(volumes))
-    n_val = max(1, int(round(len(volumes) * cfg.val_fraction)))
-    val = [volumes[i] for i in sorted(order[:n_val])]
-    train = [volumes[i] for i in sorted(order[n_val:])]
+    volumes = prepare_volumes(cases, maps, prep, cache_dir(cfg), workers, progress=report)
+    # A datalist's "validation" entries (or TotalSegmentator's val split) are the validation set; else a random share.
+    val_idx = {i for i, c in enumerate(cases) if c.split == "validation"}
+    if len(val_idx) == len(cases):
+        raise UserError(f"{found.root}: every case is a validation case; training needs at least one training case")
+    if not val_idx:
+        order = np.random.default_rng(cfg.seed).permutation(len(volumes))
+        val_idx = set(order[:max(1, int(round(len(volumes) * cfg.val_fraction)))].tolist())
+    val = [v for i, v in enumerate(volumes) if i in val_idx]
+    train = [v for i, v in enumerate(volumes) if i not in val_idx]
     prep.mean, prep.std = intensity_stats(train, prep.clip)
     return train, val, prep, label_map
 
@@ -206,13 +235,13 @@ def validate(model: torch.nn.Module, volumes: list[Volume], prep: Preprocessing,
         # Windows as large as the volume (up to three patches a side): fewer, bigger windows waste less
         # work on overlaps, and the network is fully convolutional.
         roi = tuple(min(-(-s // 16) * 16, 3 * cfg.patch) for s in v.image.shape)
-        x = ((torch.from_numpy(v.image) - prep.mean) / prep.std)[None, None].to(device)
+        x = ((torch.from_numpy(np.array(v.image, dtype=np.float32)) - prep.mean) / prep.std)[None, None].to(device)
         x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             probs = sliding_window_inference(x, roi, 4, model, overlap=0.25,
                                              pad_value=(prep.clip[0] - prep.mean) / prep.std)
         pred = probs[0].argmax(0).cpu()
-        for organ, d in dice_per_organ(pred, torch.from_numpy(v.label)).items():
+        for organ, d in dice_per_organ(pred, torch.from_numpy(np.array(v.label))).items():
             scores[organ].append(d)
     model.train()
     out = {o: float(np.mean(s)) for o, s in scores.items()}
@@ -259,10 +288,82 @@ def write_csv(history: list[dict], path: Path) -> None:
 
 def find_resume(path: str) -> Path:
     p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such run folder or checkpoint; pass a run folder (or its last.pt) to --resume")
     ckpt = p / "last.pt" if p.is_dir() else p
     if not ckpt.exists():
-        raise UserError(f"{ckpt}: no checkpoint to resume; pass a run folder that holds last.pt")
+        raise UserError(f"{ckpt}: no checkpoint to resume (the run stopped before its first epoch ended); "
+                        f"delete {p} and start the run again")
     return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety and reproducibility
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Fails before any work when the run folder exists or cannot be created."""
+    if run_dir.exists():
+        raise UserError(f"{run_dir}: the run folder exists; continue it with --resume {run_dir}, "
+                        f"or pass another --run")
+    parent = run_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    check_writable_folder(parent, run_dir, "--out")
+
+
+def resume_state(path: Path) -> dict:
+    """The checkpoint to continue from: a full one (last.pt) with optimiser and scheduler."""
+    state = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scheduler", "train_config", "history", "epoch") if k not in state]
+    if missing:
+        raise UserError(f"{path}: holds no {', '.join(missing)} (a best.pt or a shipped model); resume from the run "
+                        f"folder or its last.pt")
+    return state
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files of saves a kill interrupted (utils.atomic_write names them .NAME.*.tmp*)."""
+    for p in run_dir.glob(".*.tmp*"):
+        p.unlink(missing_ok=True)
+
+
+def repair_run_dir(run_dir: Path, state: dict, history: list[dict]) -> None:
+    """Brings a killed run's folder back in line with the last.pt it resumes from: drops the
+    temporary files of interrupted saves, writes best.pt again when last.pt is the best epoch but
+    the kill came before best.pt was saved, and writes the metrics table and curves of its history."""
+    remove_stale_temporaries(run_dir)
+    best_path = run_dir / "best.pt"
+    if state["best_epoch"] == state["epoch"]:
+        try:
+            stale = load_checkpoint(best_path).get("epoch") != state["epoch"]
+        except UserError:
+            stale = True
+        if stale:
+            resume_only = ("optimizer", "scheduler", "scaler", "threads")
+            save_checkpoint({k: v for k, v in state.items() if k not in resume_only}, best_path)
+    if history:
+        write_csv(history, run_dir / "metrics.csv")
+        plot_curves(history, run_dir / "curves.png")
+
+
+def make_deterministic() -> None:
+    """Deterministic algorithms only (an error for an operation that has none). cuBLAS needs its
+    workspace fixed before its first use, cuDNN its autotuner off."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Seeds every generator from (seed, epoch) at the start of each epoch, so dropout and any other
+    random draw of epoch e are the same whether the run got there uninterrupted or by --resume.
+    Ranks under torchrun draw different dropout masks; rank 0 draws what a single process does."""
+    state = np.random.SeedSequence([seed, epoch, rank] if rank else [seed, epoch]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,16 +466,26 @@ def dump_rank_weights(model: torch.nn.Module, d: distributed.Dist) -> None:
 def main(args: argparse.Namespace) -> dict:
     t_start = time.time()
     resume = find_resume(args.resume) if args.resume else None
-    state = load_checkpoint(resume) if resume else None
+    state = resume_state(resume) if resume else None
     if state is not None:
         cfg = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
         if args.epochs:
             cfg.epochs = args.epochs
-        run_dir = resume.parent
+        cfg.deterministic = cfg.deterministic or args.deterministic
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "max_minutes"})
     d = distributed.setup(cfg.device)
     device = d.device
+    if resume is not None:
+        run_dir = resume.parent
+        d.on_main(lambda: check_writable_folder(run_dir, resume, "--resume"))
+    else:
+        def new_run_dir() -> Path:
+            path = Path(cfg.out) / (cfg.run or time.strftime("%Y%m%d-%H%M%S"))
+            check_new_run_dir(path)
+            return path
+
+        run_dir = d.on_main(new_run_dir)  # rank 0's clock names the folder for all
     defaults = all(getattr(args, k) == getattr(TrainConfig, k) for k in ("epochs", "steps_per_epoch", "patch", "preset"))
     cfg.max_minutes = args.max_minutes if args.max_minutes is not None else (
         13.0 if device.type == "cpu" and defaults and state is None else 0.0)
@@ -384,14 +495,24 @@ def main(args: argparse.Namespace) -> dict:
         cfg.workers = loader_workers(cfg.workers, d)
     if cfg.patch % 16:
         raise UserError(f"--patch {cfg.patch}: must be a multiple of 16 (the VNet halves it four times)")
+    if cfg.batch_size < 1 or cfg.steps_per_epoch < 1 or cfg.epochs < 1:
+        raise UserError("--batch-size, --steps-per-epoch and --epochs must be at least 1")
+    if cfg.batch_size * (cfg.patch // 16) ** 3 < 2 and PRESETS[cfg.preset].norm == "batch":
+        raise UserError(f"--patch {cfg.patch} with --batch-size {cfg.batch_size}: the VNet's deepest stage holds one "
+                        f"voxel, and batch norm needs two values; use --batch-size 2 or a larger --patch")
     configure_torch(device)
+    if cfg.deterministic:
+        make_deterministic()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
     # Data
     data = d.main_first(lambda: resolve_data(cfg))  # rank 0 generates the phantoms, the others then find them
-    train_vols, val_vols, prep, label_map = load_volumes(data, cfg)
+    if cache_dir(cfg) is None:
+        train_vols, val_vols, prep, label_map = load_volumes(data, cfg, report=d.main)
+    else:  # rank 0 fills the cache, the others then map it
+        train_vols, val_vols, prep, label_map = d.main_first(lambda: load_volumes(data, cfg, report=d.main))
     if state is not None:
         prep = Preprocessing.from_dict(state["preprocessing"])
     aug = AugmentConfig()
@@ -406,11 +527,11 @@ def main(args: argparse.Namespace) -> dict:
                         prefetch_factor=4 if cfg.workers > 0 else None)
 
     # Model, loss, optimiser, schedule
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on what ran before
     model = to_training_layout(build_vnet(cfg.preset), device)
     net = model
     if d.enabled:
         net = wrap_ddp(model, device)
-        torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ between ranks
     if cfg.compile:
         net = torch.compile(net)
     loss_fn = DiceCELoss()
@@ -432,20 +553,20 @@ def main(args: argparse.Namespace) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         history = list(state["history"])
         best, best_epoch, start_epoch = state["best_metric"], state["best_epoch"], state["epoch"] + 1
+        threads = state.get("threads", torch.get_num_threads())
+        if cfg.deterministic and device.type == "cpu" and threads != torch.get_num_threads():
+            # CPU reductions split work by thread: the same weights need the same thread count.
+            if d.main:
+                print(f"note: {threads} CPU threads as in the interrupted run (here {torch.get_num_threads()} by default)")
+            torch.set_num_threads(threads)
         if d.main:
-            print(f"resuming {run_dir} at epoch {start_epoch}")
-    else:
-        def make_run_dir() -> Path:
-            path = Path(cfg.out) / (cfg.run or time.strftime("%Y%m%d-%H%M%S"))
-            try:
-                path.mkdir(parents=True, exist_ok=False)
-            except FileExistsError:
-                raise UserError(f"{path}: run folder exists; pass another --run, or --resume {path}") from None
-            return path
-
-        run_dir = d.on_main(make_run_dir)
+            print(f"resuming {run_dir} at epoch {start_epoch + 1}")
+    elif d.main:
+        run_dir.mkdir(parents=True, exist_ok=False)
     if d.main:
         ranks = f" x {d.world} processes (batch {cfg.batch_size} each)" if d.enabled else ""
         print(f"{len(train_vols)} training / {len(val_vols)} validation cases from {data} (labels: {label_map}); "
@@ -472,7 +593,12 @@ def main(args: argparse.Namespace) -> dict:
         if full:
             ckpt["optimizer"] = opt.state_dict()
             ckpt["scheduler"] = sched.state_dict()
+            ckpt["scaler"] = scaler.state_dict()
+            ckpt["threads"] = torch.get_num_threads()
         return ckpt
+
+    if state is not None and d.main:
+        repair_run_dir(run_dir, state, history)
 
     # Training loop
     stopped = "finished all epochs"
@@ -480,6 +606,7 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
+        seed_epoch(cfg.seed, epoch, d.rank)
         sampler.set_epoch(epoch)
         losses = []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=not d.main)
@@ -514,10 +641,12 @@ def main(args: argparse.Namespace) -> dict:
         improved = metrics["mean"] > best + 1e-4
         if improved:
             best, best_epoch = metrics["mean"], epoch
-            if d.main:
-                save_checkpoint(checkpoint(epoch, metrics, full=False), run_dir / "best.pt")
         if d.main:
+            # last.pt first: a kill between the two saves leaves a last.pt that names this epoch as the
+            # best, from which --resume rewrites best.pt (repair_run_dir).
             save_checkpoint(checkpoint(epoch, metrics, full=True), run_dir / "last.pt")
+            if improved:
+                save_checkpoint(checkpoint(epoch, metrics, full=False), run_dir / "best.pt")
             write_csv(history, run_dir / "metrics.csv")
             plot_curves(history, run_dir / "curves.png")
             organs = "  ".join(f"{o} {metrics[o]:.3f}" for o in ORGANS)

@@ -37,9 +37,16 @@ def run_cli(main: Callable[[object], object], args: object) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except (PermissionError, IsADirectoryError, FileNotFoundError) as e:
-        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+    except OSError as e:  # a file the OS refuses: missing, a folder, read-only, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, its permissions and the free space", file=sys.stderr)
         sys.exit(1)
+
+
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's message (its type name when it has none), at most limit characters."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -64,12 +71,35 @@ def configure_torch(device: torch.device) -> None:
 # Files
 
 
+def check_writable_folder(folder: str | Path, path: str | Path | None = None, flag: str = "") -> None:
+    """Fails with a UserError naming path (the file to be written in folder) and the fix unless a
+    file can be created in folder: a missing folder, a file in its place, a read-only or
+    pseudo file system (root writes into chmod-protected folders: a probe file is the only test)."""
+    folder = Path(folder)
+    what = f"{flag} {path}" if flag else str(path if path is not None else folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what}: {folder} is a file, not a folder; choose another output path")
+    if not folder.is_dir():
+        raise UserError(f"{what}: the folder {folder} does not exist; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) into a temporary file beside path, fsync, then rename over path: readers see the
-    old file or the new one, never half of one."""
+    """write(tmp) into a temporary file beside path, fsync, then rename over path and fsync the
+    folder: readers (and a run killed at any moment, even by a power cut) see the old file or the
+    new one, never half of one. A leftover .NAME.*.tmp* file is all a kill can leave behind."""
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError:
+        check_writable_folder(path.parent, path)
+        raise
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
@@ -82,6 +112,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    try:  # the rename itself reaches the disk only with the folder's entry
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the file itself is synced
+    finally:
+        os.close(dir_fd)
 
 
 CHECKPOINT_FORMAT = "abdomen-vnet/1"
@@ -94,29 +134,72 @@ def save_checkpoint(obj: dict, path: str | Path) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by train.py, loaded with weights_only=True: tensors and plain
     containers only, so a file carrying pickled code is refused, never run."""
+    import pickle
+    import re
+    import warnings
+
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; pass a checkpoint file (best.pt or last.pt)")
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint; train one with train.py or pass --checkpoint")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the checkpoint is empty (0 bytes); download or copy it again")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                        f"it is damaged, or carries pickled code, which is refused") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about foreign pickle protocols before refusing them
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if code:
+            raise UserError(f"{path}: refused: it carries pickled code ({code.group(1)}) that loading would run; "
+                            f"use a checkpoint written by train.py (tensors and plain values only)") from None
+        raise UserError(f"{path}: not a PyTorch checkpoint, or a damaged one (unreadable pickle data); "
+                        f"download or copy it again") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or first_line(e)}); check the path and permissions") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for truncated or garbled files
+        detail = first_line(e, 80) if isinstance(e, RuntimeError) else "unreadable data"
+        raise UserError(f"{path}: not a PyTorch checkpoint, or a damaged one ({detail}); download or copy it again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a checkpoint of this project (format {CHECKPOINT_FORMAT})")
+        raise UserError(f"{path}: not a checkpoint of this project (format {CHECKPOINT_FORMAT}); "
+                        f"use one written by train.py")
     return ckpt
 
 
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
-    """The VNet a checkpoint describes, with its weights, in eval mode."""
+    """The VNet a checkpoint describes, with its weights, in eval mode. The config is first built
+    on the meta device (no memory) and its tensor shapes compared with the weights', so a config
+    that does not fit them is a clear error, never a huge allocation."""
     from vnet import build_vnet
 
+    fix = "use a checkpoint written by train.py, unmodified"
+    config, state = ckpt.get("model_config"), ckpt.get("model")
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise UserError(f"{path}: no model_config or model weights (plain dicts); {fix}")
     try:
-        model = build_vnet(ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path}: its weights do not fit its model config ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:100]}); use a checkpoint written by train.py") from None
+        with torch.device("meta"):
+            skeleton = build_vnet(config)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: its model_config is not a valid VNet config ({first_line(e, 100)}); {fix}") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        if missing:
+            what = f"{len(missing)} tensors missing, e.g. {missing[0]}"
+        elif extra:
+            what = f"{len(extra)} unexpected tensors, e.g. {extra[0]}"
+        else:
+            key = next(k for k in expected if expected[k] != found[k])
+            what = f"{key} is {found[key]} in the weights but {expected[key]} in the config"
+        raise UserError(f"{path}: its weights do not fit its model config ({what}); {fix}")
+    model = build_vnet(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: its weights do not load ({first_line(e, 100)}); {fix}") from None
     return model.eval()
 
 
@@ -249,6 +332,14 @@ def resample_labels(label: np.ndarray, out_shape: Sequence[int], num_classes: in
         out[better] = c
         best = torch.where(better, score, best)
     return out.numpy()
+
+
+def labels_to_input_grid(label: np.ndarray, info: GridInfo, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Label map (X', Y', Z') int on the preprocessed grid -> uint8 on the input's exact grid
+    (info.shape, in the input's orientation; its affine is info.affine): the inverse of
+    preprocess_label, by linear interpolation of the one-hot masks (probs_to_input_grid)."""
+    onehot = F.one_hot(torch.from_numpy(np.asarray(label, dtype=np.int64)), num_classes)
+    return probs_to_input_grid(onehot.permute(3, 0, 1, 2).to(torch.float32), info)
 
 
 @dataclass

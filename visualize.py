@@ -28,7 +28,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import LABELS, ORGANS, UserError, atomic_write, dice_per_organ, load_nifti, run_cli, spacing_of
+from utils import (
+    LABELS,
+    ORGANS,
+    UserError,
+    atomic_write,
+    check_writable_folder,
+    dice_per_organ,
+    load_nifti,
+    run_cli,
+    spacing_of,
+)
 
 # Fixed per organ, so that every video and still of the project reads the same (RGB, 0..1).
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -229,9 +238,13 @@ def context_surfaces(ct_path: str | Path, smooth_iter: int) -> list[tuple[str, o
     if not np.issubdtype(hu.dtype, np.number) or hu.dtype == np.bool_:
         raise UserError(f"{ct_path}: voxels of type {hu.dtype} are not HU; pass the CT image")
     factors = block_factors(affine, CT_MM)
+    if np.issubdtype(hu.dtype, np.floating):
+        bad = ~np.isfinite(hu)
+        if bad.any():  # as infer.py does: the scan stays usable, the damaged voxels count as air
+            print(f"warning: {ct_path}: {int(bad.sum())} NaN or infinite voxels, treated as air (-1024 HU)",
+                  file=sys.stderr)
+            hu = np.where(bad, np.float32(-1024), hu)
     coarse = block_mean(hu.astype(np.float32, copy=False), factors)
-    if not np.all(np.isfinite(coarse)):
-        raise UserError(f"{ct_path}: the CT holds NaN or infinite voxels; fix the file")
     if coarse.max() < BODY_HU or coarse.min() > BODY_HU:
         raise UserError(f"{ct_path}: no body surface at {BODY_HU:.0f} HU (values {coarse.min():.0f}.."
                         f"{coarse.max():.0f}); is this a CT in HU?")
@@ -538,26 +551,17 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def check_output(path: Path, flag: str, suffix: str) -> None:
+def check_output(path: Path, flag: str, suffix: str, overwrite: bool) -> None:
     """Fails now, before any rendering, if path cannot be written: wrong extension, missing or
-    read-only folder, a folder in its place."""
+    read-only folder, a folder in its place, an existing file without --overwrite."""
     if not path.name.lower().endswith(suffix):
         hint = "; for a still image use --png" if flag == "--output" else ""
         raise UserError(f"{flag} {path}: the file name must end in {suffix}{hint}")
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file name ending in {suffix}")
-    check_folder(path.parent, flag, path)
-
-
-def check_folder(folder: Path, flag: str, path: Path) -> None:
-    if not folder.is_dir():
-        raise UserError(f"{flag} {path}: the folder {folder} does not exist; create it first")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".visualize-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); choose a writable folder") from None
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {path}: exists; pass --overwrite to replace it")
+    check_writable_folder(path.parent, path, flag)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -591,6 +595,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--antialias", choices=ANTIALIAS, default="fxaa",
                    help="edge smoothing: fxaa (cheap), msaa (4x multisampling, slower), none (fastest)")
     p.add_argument("--title", help="title above the view; None: the input file name")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (else an existing one is an error)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p.parse_args(argv)
 
@@ -611,17 +616,18 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     if args.smooth < 0:
         raise UserError(f"--smooth {args.smooth}: must be 0 or more")
     if args.output:
-        check_output(Path(args.output), "--output", ".mp4")
+        check_output(Path(args.output), "--output", ".mp4", args.overwrite)
     if args.png:
-        check_output(Path(args.png), "--png", ".png")
+        check_output(Path(args.png), "--png", ".png", args.overwrite)
     if args.mesh:
         folder = Path(args.mesh)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--mesh {folder}: is a file; give a folder to write the meshes into")
-        if not folder.exists():
-            check_folder(folder.parent, "--mesh", folder)
-        else:
-            check_folder(folder, "--mesh", folder)
+        check_writable_folder(folder if folder.exists() else folder.parent, folder, "--mesh")
+        existing = [p for p in (folder / f"{o}.{args.mesh_format}" for o in ORGANS) if p.exists()]
+        if existing and not args.overwrite:
+            raise UserError(f"--mesh {folder}: holds {existing[0].name} already; pass --overwrite to replace the "
+                            f"meshes, or choose another folder")
     return size
 
 

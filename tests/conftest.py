@@ -18,3 +18,12 @@ def tiny_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic"
     write_dataset(root, 6, seed=1, progress=False, spacing=(4.0, 4.0, 4.0))
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_tmp(tmp_path_factory):
+    """Preprocessing caches (train.py's default is ~/.cache/abdomen-vnet) go to a temporary folder."""
+    import os
+
+    os.environ["ABDOMEN_VNET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+

@@ -120,8 +120,36 @@ def test_load_case_checks_pairs(tmp_path):
         load_case(case, Preprocessing(), "identity")
     save_nifti(tmp_path / "labelsTr" / "a.nii.gz", lab, aff)
     v = load_case(case, Preprocessing(spacing=(6.0, 6.0, 6.0)), "identity")
-    assert v.image.shape == v.label.shape == hu.shape
+    assert v.image.shape == v.label.shape  # cropped to the body: no larger than the scan
+    assert all(a <= b for a, b in zip(v.image.shape, hu.shape))
     nib.save(nib.Nifti1Image(np.zeros((4, 4), np.int16), np.eye(4)), tmp_path / "imagesTr" / "b_0000.nii.gz")
     save_nifti(tmp_path / "labelsTr" / "b.nii.gz", np.zeros((4, 4, 1), np.uint8), np.eye(4))
     with pytest.raises(UserError, match="2D"):
         load_case(find_cases(tmp_path)[1], Preprocessing(), "identity")
+
+
+def test_warp_matches_grid_sample_reference():
+    """warp_patch (broadcast grid, direct label indexing) gives what affine_grid + grid_sample give:
+    trilinear image with border padding, nearest label with background outside."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    aug = AugmentConfig(rotate_prob=1, scale_prob=1, flip_lr_prob=0.5, flip_si_prob=0.5)
+    for trial in range(6):
+        crop = tuple(int(n) for n in rng.integers(30, 50, 3))
+        out = (24, 16, 32)
+        image = torch.randn(1, *crop)
+        label = torch.from_numpy(rng.integers(0, 5, crop).astype(np.uint8))
+        matrix, mirrored = spatial_matrix(rng, aug)
+        if trial == 5:
+            matrix = matrix * 2.5  # reaches outside the crop
+        theta = np.diag(1.0 / np.array(crop)) @ matrix @ np.diag(np.array(out, dtype=np.float64))
+        grid = F.affine_grid(torch.tensor(np.c_[theta[::-1, ::-1], np.zeros(3)], dtype=torch.float32)[None],
+                             [1, 1, *out], align_corners=False)
+        ref_img = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        ref_lab = F.grid_sample(label[None, None].float(), grid, mode="nearest", align_corners=False)[0, 0].long()
+        if mirrored:
+            ref_lab = torch.tensor([0, 1, 3, 2, 4])[ref_lab]
+        img, lab = warp_patch(image, label, matrix, mirrored, out)
+        assert torch.allclose(img, ref_img, atol=1e-4)
+        assert torch.equal(lab.long(), ref_lab)

@@ -190,7 +190,7 @@ def test_reference_shows_what_the_prediction_misses(phantom_files, tmp_path):
     assert organ_pixels(still, panes=2, pane=1)["spleen"].size > 20
     with pytest.raises(UserError, match="no voxels of spleen in either"):
         run("--input", tmp_path / "pred.nii.gz", "--reference", tmp_path / "pred.nii.gz", "--png", png,
-            "--organs", "liver,spleen")
+            "--organs", "liver,spleen", "--overwrite")
 
 
 def test_ct_of_another_patient_is_refused(phantom_files, tmp_path):
