@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 @dataclass
@@ -64,6 +65,60 @@ PRESETS: dict[str, VNetConfig] = {
 }
 
 
+# Weight gradients on a CPU. oneDNN computes a 3D convolution's weight gradient far below its forward
+# rate where the feature maps are small or the output has few channels (the deep stages, the 5-class
+# head): at 128-256 channels on 2^3-4^3 voxels it takes 4-6x as long as the same sum written as a
+# convolution of the input by the output gradient, with batch and channels swapped. Where the maps
+# are large (32 channels at 48^3) oneDNN's own is faster, hence the rule (bench/RESULTS.md, issue 7).
+SWAPPED_WGRAD_MAX_VOXELS = 24**3  # per sample and channel; smaller maps use the swapped weight gradient
+SWAPPED_WGRAD_MAX_OUT = 8  # and so do outputs with fewer channels than this, at any size
+
+
+class _SwappedWeightGradConv3d(torch.autograd.Function):
+    """conv3d(x, weight, bias, stride 1, zero padding) whose weight gradient is
+    conv3d(pad(x) with batch and channels swapped, grad_output with batch and channels swapped):
+    grad_w[o, i, k] = sum over n and p of grad_out[n, o, p] * x_padded[n, i, p + k], the same sum
+    as oneDNN's, in another order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                padding: tuple[int, int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return F.conv3d(x, weight, bias, padding=padding)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        pd, ph, pw = ctx.padding
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv3d_input(x.shape, weight, grad_out, padding=ctx.padding)
+        if ctx.needs_input_grad[1]:
+            padded = F.pad(x, (pw, pw, ph, ph, pd, pd)).transpose(0, 1)
+            grad_w = F.conv3d(padded, grad_out.transpose(0, 1)).transpose(0, 1).contiguous(
+                memory_format=torch.channels_last_3d if weight.is_contiguous(memory_format=torch.channels_last_3d)
+                else torch.contiguous_format)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3, 4))
+        return grad_x, grad_w, grad_b, None
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d (same parameters, same function) that, when training on a CPU, takes the swapped
+    weight gradient of _SwappedWeightGradConv3d where that is the faster one (stride 1, zero padding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dim() == 5 and torch.is_grad_enabled() and self.weight.requires_grad
+                and self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) and self.groups == 1
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and (x.shape[2] * x.shape[3] * x.shape[4] <= SWAPPED_WGRAD_MAX_VOXELS
+                     or self.out_channels < SWAPPED_WGRAD_MAX_OUT)):
+            return _SwappedWeightGradConv3d.apply(x, self.weight, self.bias, tuple(self.padding))
+        return super().forward(x)
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm3d(channels)
@@ -92,7 +147,7 @@ class ConvNormAct(nn.Sequential):
     def __init__(self, cin: int, cout: int, cfg: VNetConfig, kernel: int | None = None, stride: int = 1):
         k = cfg.kernel_size if kernel is None else kernel
         super().__init__(
-            nn.Conv3d(cin, cout, k, stride=stride, padding=k // 2 if stride == 1 else 0, bias=cfg.norm == "none"),
+            Conv3d(cin, cout, k, stride=stride, padding=k // 2 if stride == 1 else 0, bias=cfg.norm == "none"),
             _norm(cfg.norm, cout),
             _act(cfg.activation, cout),
         )
@@ -122,8 +177,8 @@ class InputStage(nn.Module):
             raise ValueError(f"base_width {cfg.base_width} must be a multiple of in_channels {cfg.in_channels}")
         self.repeat = cfg.base_width // cfg.in_channels
         self.conv = nn.Sequential(
-            nn.Conv3d(cfg.in_channels, cfg.base_width, cfg.kernel_size, padding=cfg.kernel_size // 2,
-                      bias=cfg.norm == "none"),
+            Conv3d(cfg.in_channels, cfg.base_width, cfg.kernel_size, padding=cfg.kernel_size // 2,
+                   bias=cfg.norm == "none"),
             _norm(cfg.norm, cfg.base_width),
         )
         self.act = _act(cfg.activation, cfg.base_width)

@@ -34,3 +34,52 @@ def test_config_round_trip_and_overrides():
     assert model.cfg.dropout == 0.2 and model.cfg.norm == "group"
     with pytest.raises(ValueError, match="unknown preset"):
         build_vnet("unet")
+
+
+@pytest.mark.parametrize("cin,cout,side,kernel,bias,channels_last", [
+    (8, 8, 4, 5, False, True),     # deep-stage shape: small maps
+    (6, 5, 12, 3, True, False),    # few output channels (the head), with a bias
+    (4, 4, 8, 3, False, False),
+])
+def test_swapped_weight_gradient_equals_torch(cin, cout, side, kernel, bias, channels_last, monkeypatch):
+    import vnet
+
+    # Every size takes the swapped weight gradient here, whatever the thresholds.
+    monkeypatch.setattr(vnet, "SWAPPED_WGRAD_MAX_VOXELS", side**3)
+    torch.manual_seed(0)
+    conv = vnet.Conv3d(cin, cout, kernel, padding=kernel // 2, bias=bias)
+    # The reference: torch's own convolution and gradients, in float64.
+    ref = torch.nn.Conv3d(cin, cout, kernel, padding=kernel // 2, bias=bias).double()
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, cin, side, side + 1, side + 2)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    grads = []
+    for layer, xi in ((conv, x.clone()), (ref, x.double())):
+        xi.requires_grad_(True)
+        out = layer(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        grads.append((out.detach(), xi.grad, *(p.grad for p in layer.parameters())))
+    assert grads[0][2].shape == conv.weight.shape
+    for ours, exact in zip(*grads):
+        # float32 sums over thousands of terms: within 1e-5 of the largest value of each gradient
+        torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
+
+
+def test_vnet_gradients_do_not_depend_on_the_weight_gradient_path(monkeypatch):
+    import vnet
+
+    torch.manual_seed(0)
+    model = build_vnet("small", base_width=4)
+    x, target = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 5, (2, 32, 32, 32))
+
+    def grads():
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    swapped = grads()  # the default thresholds: the deep stages and small outputs swapped
+    monkeypatch.setattr(vnet, "SWAPPED_WGRAD_MAX_VOXELS", 0)
+    monkeypatch.setattr(vnet, "SWAPPED_WGRAD_MAX_OUT", 0)
+    for ours, theirs in zip(swapped, grads()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
