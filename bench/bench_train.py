@@ -7,10 +7,11 @@ MONAI's DiceCELoss, in one process, and whether the patch loader keeps up.
 
 A step is what train.py does: forward (autocast for bf16), loss on float32 logits, backward,
 optimiser step. Ours: build_vnet("vnet") with train.py's memory layout (train.to_training_layout:
-channels-last activations, channels-last weights on CUDA only), losses.DiceCELoss, fused AdamW and
-gradient clipping. MONAI: monai.networks.nets.VNet(out_channels=5) with its default dropout,
-monai.losses.DiceCELoss(to_onehot_y=True, softmax=True) and torch's default AdamW, channels-last
-model and input (PyTorch's recipe). Our preset with activation="elu" has exactly MONAI's 45.6 M
+channels-last activations, channels-last weights on CUDA only; on a CPU vnet.Conv3d's weight gradient
+for small feature maps), losses.DiceCELoss, fused AdamW and gradient clipping. MONAI:
+monai.networks.nets.VNet(out_channels=5) with its default dropout, monai.losses.DiceCELoss(
+to_onehot_y=True, softmax=True) and torch's default AdamW, channels-last model and input (PyTorch's
+recipe) or torch's default layout (monai-contiguous). Our preset with activation="elu" has exactly MONAI's 45.6 M
 parameters (equal parameters); the default PReLU one is timed too.
 
 The models take turns step by step (each timed alone, median over --steps after --warmup), so
