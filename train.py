@@ -73,12 +73,12 @@ class TrainConfig:
     run: str = ""  # run folder name; empty: a timestamp
     label_map: str = "auto"  # source label map (dataset.LABEL_MAPS, or SRC:OURS pairs); auto: detected
     cache: str = ""  # preprocessing cache folder; "": $ABDOMEN_VNET_CACHE or ~/.cache/abdomen-vnet; "off": none
-    preset: str = ""  # VNet preset; empty: "vnet" on CUDA, "medium" on CPU
+    preset: str = ""  # VNet preset; empty: "vnet" on CUDA, "small" on CPU
     spacing: float = 0.0  # mm, isotropic training grid; 0: 1.5 on CUDA, 3.0 on CPU (4x fewer voxels)
     patch: int = 0  # patch side in voxels (multiple of 16); 0: 128 on CUDA, 48 on CPU
     batch_size: int = 2
     epochs: int = 0  # 0: 100 on CUDA, 40 on CPU
-    steps_per_epoch: int = 0  # optimiser steps per epoch; 0: 250 on CUDA, 40 on CPU
+    steps_per_epoch: int = 0  # optimiser steps per epoch; 0: 250 on CUDA, 100 on CPU
     val_fraction: float = 0.2  # share of cases held out for validation (at least one)
     optimizer: str = "adamw"  # adamw or sgd (momentum 0.99, nesterov, as nnU-Net)
     lr: float = 0.0  # peak learning rate; 0: 2e-3 for adamw, 1e-2 for sgd
@@ -99,11 +99,11 @@ class TrainConfig:
         """Fills the device-dependent defaults (fields left at 0 or empty)."""
         cuda = device.type == "cuda"
         c = TrainConfig(**asdict(self))
-        c.preset = c.preset or ("vnet" if cuda else "medium")
+        c.preset = c.preset or ("vnet" if cuda else "small")
         c.patch = c.patch or (128 if cuda else 48)
         c.spacing = c.spacing or (1.5 if cuda else 3.0)
         c.epochs = c.epochs or (100 if cuda else 40)
-        c.steps_per_epoch = c.steps_per_epoch or (250 if cuda else 40)
+        c.steps_per_epoch = c.steps_per_epoch or (250 if cuda else 100)
         c.lr = c.lr or (2e-3 if c.optimizer == "adamw" else 1e-2)
         if c.workers < 0:
             # On a CPU device the main process already uses every core for the convolutions; a
@@ -127,12 +127,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-map", default=d.label_map, help=LABEL_MAP_HELP)
     p.add_argument("--cache", default=d.cache, help="folder for preprocessed volumes, reused while settings and files "
                    "are unchanged ('': $ABDOMEN_VNET_CACHE or ~/.cache/abdomen-vnet; 'off': preprocess in memory)")
-    p.add_argument("--preset", default=d.preset, choices=["", *PRESETS], help="VNet preset ('': vnet on CUDA, medium on CPU)")
+    p.add_argument("--preset", default=d.preset, choices=["", *PRESETS], help="VNet preset ('': vnet on CUDA, small on CPU)")
     p.add_argument("--spacing", type=float, default=d.spacing, help="training voxel size, mm (0: 1.5 on CUDA, 3.0 on CPU)")
     p.add_argument("--patch", type=int, default=d.patch, help="patch side in voxels, multiple of 16 (0: 128 CUDA, 48 CPU)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (0: 100 on CUDA, 40 on CPU)")
-    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps per epoch (0: 250 CUDA, 40 CPU)")
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps per epoch (0: 250 CUDA, 100 CPU)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of cases for validation")
     p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"], help="optimiser")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (0: 2e-3 adamw, 1e-2 sgd)")
