@@ -78,7 +78,7 @@ class TrainConfig:
     patch: int = 0  # patch side in voxels (multiple of 16); 0: 128 on CUDA, 48 on CPU
     batch_size: int = 2
     epochs: int = 0  # 0: 100 on CUDA, 40 on CPU
-    steps_per_epoch: int = 0  # optimiser steps per epoch; 0: 250 on CUDA, 100 on CPU
+    steps_per_epoch: int = 0  # optimiser steps per epoch; 0: 250 on CUDA, 150 on CPU
     val_fraction: float = 0.2  # share of cases held out for validation (at least one)
     optimizer: str = "adamw"  # adamw or sgd (momentum 0.99, nesterov, as nnU-Net)
     lr: float = 0.0  # peak learning rate; 0: 2e-3 for adamw, 1e-2 for sgd
@@ -103,7 +103,7 @@ class TrainConfig:
         c.patch = c.patch or (128 if cuda else 48)
         c.spacing = c.spacing or (1.5 if cuda else 3.0)
         c.epochs = c.epochs or (100 if cuda else 40)
-        c.steps_per_epoch = c.steps_per_epoch or (250 if cuda else 100)
+        c.steps_per_epoch = c.steps_per_epoch or (250 if cuda else 150)
         c.lr = c.lr or (2e-3 if c.optimizer == "adamw" else 1e-2)
         if c.workers < 0:
             # On a CPU device the main process already uses every core for the convolutions; a
@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, default=d.patch, help="patch side in voxels, multiple of 16 (0: 128 CUDA, 48 CPU)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (0: 100 on CUDA, 40 on CPU)")
-    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps per epoch (0: 250 CUDA, 100 CPU)")
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="steps per epoch (0: 250 CUDA, 150 CPU)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of cases for validation")
     p.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"], help="optimiser")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (0: 2e-3 adamw, 1e-2 sgd)")
@@ -603,6 +603,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # Training loop
     stopped = "finished all epochs"
+    planned_epochs, epoch_minutes = cfg.epochs, []
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
@@ -657,14 +658,17 @@ def main(args: argparse.Namespace) -> dict:
         if epoch - best_epoch >= cfg.patience:
             stop = f"early stop: no better mean Dice for {cfg.patience} epochs"
         elif cfg.max_minutes:
-            # Fit the remaining epochs (and so the LR schedule) into the time budget.
+            # Fit the remaining epochs (and so the LR schedule) into the time budget, re-estimated
+            # every epoch from the median epoch so far: the first is slower (warm-up, first-touch
+            # memory), and estimating from it alone left minutes of the budget unused.
+            epoch_minutes.append((time.time() - t0) / 60)
             elapsed = (time.time() - t_start) / 60
-            per_epoch = (time.time() - t0) / 60
-            fits = epoch + 1 + int((cfg.max_minutes - elapsed) / per_epoch)
-            if fits < cfg.epochs:
-                cfg.epochs = max(fits, epoch + 1)
+            per_epoch = float(np.median(epoch_minutes[1:] or epoch_minutes))
+            fits = min(planned_epochs, max(epoch + 1, epoch + 1 + int((cfg.max_minutes - elapsed) / per_epoch)))
+            if fits != cfg.epochs:
+                cfg.epochs = fits
                 if d.main:
-                    tqdm.write(f"time budget {cfg.max_minutes:g} min: schedule shortened to {cfg.epochs} epochs")
+                    tqdm.write(f"time budget {cfg.max_minutes:g} min: schedule set to {cfg.epochs} epochs")
             if epoch + 1 >= cfg.epochs:
                 stop = f"time budget of {cfg.max_minutes:g} min reached"
         # Rank 0 decides for all: clocks differ between ranks, and all must leave the loop together.
