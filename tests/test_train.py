@@ -40,6 +40,15 @@ def test_early_stopping_fires(tiny_dataset, tmp_path):
     assert summary["stopped"].startswith("early stop") and summary["epochs_run"] < 6
 
 
+def test_time_budget_ends_the_schedule(tiny_dataset, tmp_path):
+    # A budget already spent after the first epoch: the schedule is re-fitted to that one epoch, and
+    # the run ends there with a best checkpoint.
+    summary = run_train(["--data", str(tiny_dataset), "--epochs", "5", "--max-minutes", "0.0001", "--run", "tb"],
+                        tmp_path)
+    assert summary["stopped"].startswith("time budget") and summary["epochs_run"] == 1
+    assert (tmp_path / "runs" / "tb" / "best.pt").is_file()
+
+
 def test_resume_continues_from_saved_epoch(tiny_dataset, tmp_path):
     run_train(["--data", str(tiny_dataset), "--epochs", "1", "--run", "res"], tmp_path)
     run = tmp_path / "runs" / "res"
