@@ -55,6 +55,7 @@ from utils import (
     ORGANS,
     Preprocessing,
     UserError,
+    atomic_write,
     check_writable_folder,
     configure_torch,
     dice_per_organ,
@@ -268,15 +269,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax2.set_ylim(0, 1)
     ax2.legend(loc="lower right")
     fig.tight_layout()
-    from utils import atomic_write
-
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
 def write_csv(history: list[dict], path: Path) -> None:
-    from utils import atomic_write
-
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(history[0]))
@@ -683,8 +680,6 @@ def main(args: argparse.Namespace) -> dict:
         final = {organ: round(best_ckpt["metrics"][organ], 4) for organ in [*ORGANS, "mean"]}
         summary = {**final, "best_epoch": best_ckpt["epoch"] + 1, "epochs_run": epoch + 1, "stopped": stopped,
                    "minutes": round((time.time() - t_start) / 60, 2), "checkpoint": str(run_dir / "best.pt")}
-        from utils import atomic_write
-
         atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         print(f"\n{stopped}. Best validation Dice (epoch {summary['best_epoch']}), {run_dir / 'best.pt'}:")
         print(f"  {'organ':<14}{'Dice':>8}")
