@@ -142,6 +142,122 @@ def _tissue(rng: np.random.Generator, lo_hi: tuple[float, float]) -> float:
     return float(rng.uniform(*lo_hi))
 
 
+def _paint_body(c: Canvas, rng: np.random.Generator, hu_of: dict, a: float, b: float, fat: float, wall: float,
+                fov: float, bottom: float, top: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Table, body outline (skin, fat, muscle wall) and the abdominal cavity's bowel and fat.
+    Returns rho (normalised body radius, 1 at the skin), inner (inside the fat) and cavity."""
+    u = rng.uniform
+    X, Y, Z = c.x[:, None, None], c.y[None, :, None], c.z[None, None, :]
+    nz = c.grid.shape[2]
+
+    # Scanner table: a curved plate under the back.
+    table_y = -b - u(5, 25)
+    table = (Y < table_y) & (Y > table_y - u(8, 15)) & (np.abs(X) < fov * 0.45)
+    c.hu[np.broadcast_to(table, c.hu.shape)] = u(100, 300)
+
+    # Body outline: a superellipse whose width and depth change slowly along z, flatter at the back.
+    width = a * (1 + 0.06 * np.sin((Z - bottom) / (top - bottom + 1) * math.pi + u(0, 3)))
+    depth_front = b * (1 + 0.08 * _smooth_noise(rng, (1, 1, nz), 4))
+    depth = np.where(Y > 0, depth_front, b * 0.9)
+    p = u(2.0, 2.6)
+    rho = (np.abs(X / width) ** p + np.abs(Y / depth) ** p) ** (1 / p)
+    body = rho < 1.0
+    skin_mm = 2.5
+    inner = rho < 1.0 - fat / a
+    cavity = rho < 1.0 - (fat + wall) / a
+    c.hu[body] = u(-120, -85)  # subcutaneous fat, -120 to -85 HU
+    c.hu[body & (rho > 1.0 - skin_mm / a)] = u(0, 40)  # skin
+    c.hu[inner] = hu_of["muscle"]  # abdominal wall muscles
+    # Abdominal cavity: mesenteric fat with bowel loops (soft tissue, fluid, gas, some contrast).
+    shape = c.grid.shape
+    loops = _smooth_noise(rng, shape, 14)
+    gas = _smooth_noise(rng, shape, 18)
+    contents = np.full(shape, u(-110, -80), dtype=np.float32)
+    bowel = loops > u(-0.1, 0.25)
+    contents[bowel] = u(15, 45)
+    contents[bowel & (loops > 0.55)] = u(0, 25) if rng.random() < 0.6 else u(120, 300)
+    contents[bowel & (gas > u(0.55, 0.8))] = -1000 + u(0, 150)
+    c.hu = np.where(cavity, contents, c.hu)
+    return rho, inner, cavity
+
+
+def _paint_lungs(c: Canvas, rng: np.random.Generator, cavity: np.ndarray, a: float, b: float, vert_r: float,
+                 dome_top: float) -> np.ndarray:
+    """Lung bases above a diaphragm dome that is highest (dome_top, mm) in the middle and falls to
+    the sides and the back, and the heart above it. Returns the dome height (X, Y, 1) in mm."""
+    u = rng.uniform
+    X, Y, Z = c.x[:, None, None], c.y[None, :, None], c.z[None, None, :]
+    dome = dome_top - 25 * (X / a) ** 2 + 20 * np.clip(-Y / b, 0, 1) * -1
+    lungs = cavity & (Z > dome) & (np.abs(X) > vert_r + 25)
+    c.hu[lungs] = u(-900, -780)
+    heart = c.blob((u(-40, -10), b * 0.35, dome.max() + 45), (70, 55, 50))
+    if heart is not None:
+        box, r = heart
+        c.paint(box, (r < 1) & cavity[box], u(30, 60))
+    return dome
+
+
+def _paint_back(c: Canvas, rng: np.random.Generator, hu_of: dict, inner: np.ndarray, spine_y: float, vert_r: float,
+                z_psoas: float) -> None:
+    """Paraspinal and psoas muscles (the psoas widens below z_psoas, mm) and the spine: vertebral
+    bodies with discs, canal and spinous processes, its axis at x = 0, y = spine_y."""
+    u = rng.uniform
+    X, Y, Z = c.x[:, None, None], c.y[None, :, None], c.z[None, None, :]
+    shape = c.grid.shape
+    for side in (-1, 1):
+        para = (((X - side * 38) / 30) ** 2 + ((Y - (spine_y - vert_r - 35)) / 26) ** 2) < 1
+        c.hu[para & inner] = hu_of["muscle"] + u(-5, 5)
+        psoas_r = np.clip(6 + (z_psoas - Z) * 0.18, 0, 28)
+        psoas = ((X - side * (vert_r + psoas_r + 2)) ** 2 + (Y - spine_y) ** 2) < psoas_r ** 2
+        c.hu[psoas & inner] = hu_of["muscle"] + u(-5, 5)
+
+    period = u(28, 34)
+    disc = np.mod(Z - u(0, period), period) < u(5, 8)
+    vb = ((X / vert_r) ** 2 + ((Y - spine_y) / (vert_r * 0.85)) ** 2) < 1
+    cortex = vb & ~(((X / (vert_r - 2.5)) ** 2 + ((Y - spine_y) / (vert_r * 0.85 - 2.5)) ** 2) < 1)
+    c.hu[np.broadcast_to(vb, shape)] = u(180, 300)
+    c.hu[np.broadcast_to(cortex, shape)] = u(500, 800)
+    c.hu[vb & disc] = u(70, 110)
+    canal_y = spine_y - vert_r - 9
+    ring = (X ** 2 + (Y - canal_y) ** 2 < 14 ** 2) & ~(X ** 2 + (Y - canal_y) ** 2 < 9 ** 2) & ~disc
+    c.hu[ring] = u(300, 600)
+    c.hu[np.broadcast_to(X ** 2 + (Y - canal_y) ** 2 < 9 ** 2, shape)] = u(10, 30)
+    spinous = (np.abs(X) < 4) & (Y < canal_y - 12) & (Y > canal_y - 40) & ~disc
+    c.hu[spinous] = u(300, 600)
+
+
+def _paint_ribs(c: Canvas, rng: np.random.Generator, rho: np.ndarray, a: float, fat: float, wall: float,
+                bottom: float, z_lowest: float) -> None:
+    """Ribs: thin bands just inside the wall, falling from back to front, none at the front midline,
+    none below about z_lowest (mm) at the back."""
+    u = rng.uniform
+    X, Y, Z = c.x[:, None, None], c.y[None, :, None], c.z[None, None, :]
+    rib_band = (rho > 1.0 - (fat + wall * 0.6) / a) & (rho < 1.0 - fat / a) & (Z > bottom + u(40, 80))
+    angle = np.arctan2(Y, X * np.sign(X + 1e-6))  # 0 at the side, +pi/2 front, -pi/2 back
+    rib_z = Z + 45 * (angle / math.pi + 0.5)
+    ribs = rib_band & (np.mod(rib_z, u(22, 28)) < u(6, 10)) & ~((np.abs(X) < 50) & (Y > 0))
+    ribs &= Z > (z_lowest - 20 + 60 * np.clip(angle, 0, None))
+    c.hu[ribs] = u(300, 700)
+
+
+def _scan(c: Canvas, rng: np.random.Generator, psf_mm: tuple[float, float] = (0.6, 1.2),
+          noise_hu: tuple[float, float] = (6, 25), grain: tuple[float, float] = (0.4, 0.9)) -> np.ndarray:
+    """Scanner physics on the painted HU: partial-volume blur (PSF sigma psf_mm), then correlated
+    noise (std noise_hu, correlation grain voxels). Returns int16 HU."""
+    u = rng.uniform
+    sig = u(*psf_mm)
+    hu = ndimage.gaussian_filter(c.hu, [sig / s for s in c.grid.spacing], mode="nearest")
+    noise = ndimage.gaussian_filter(rng.standard_normal(c.grid.shape, dtype=np.float32), u(*grain))
+    noise *= u(*noise_hu) / max(float(noise.std()), 1e-6)
+    hu = hu + noise
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+
+
+def _clinical_spacing(rng: np.random.Generator) -> tuple[float, float, float]:
+    inplane = rng.uniform(1.1, 1.6)
+    return (inplane, inplane, float(rng.choice([1.5, 2.0, 2.5, 3.0, 5.0], p=[0.1, 0.2, 0.3, 0.3, 0.1])))
+
+
 def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic abdominal CT.
@@ -172,8 +288,7 @@ def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None
     top = z_liver + u(60, 110)
     bottom = min(z_kid_r, z_kid_l) - u(60, 140)
     if spacing is None:
-        inplane = u(1.1, 1.6)
-        spacing = (inplane, inplane, float(rng.choice([1.5, 2.0, 2.5, 3.0, 5.0], p=[0.1, 0.2, 0.3, 0.3, 0.1])))
+        spacing = _clinical_spacing(rng)
     fov = max(2 * a, 2 * b) + u(30, 90)
     nx = int(round(fov / spacing[0]))
     ny = int(round(fov / spacing[1]))
@@ -184,66 +299,10 @@ def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None
     c = Canvas(grid, rng)
     X, Y, Z = c.x[:, None, None], c.y[None, :, None], c.z[None, None, :]
 
-    # Scanner table: a curved plate under the back.
-    table_y = -b - u(5, 25)
-    table = (Y < table_y) & (Y > table_y - u(8, 15)) & (np.abs(X) < fov * 0.45)
-    c.hu[np.broadcast_to(table, c.hu.shape)] = u(100, 300)
-
-    # Body outline: a superellipse whose width and depth change slowly along z, flatter at the back.
-    width = a * (1 + 0.06 * np.sin((Z - bottom) / (top - bottom + 1) * math.pi + u(0, 3)))
-    depth_front = b * (1 + 0.08 * _smooth_noise(rng, (1, 1, nz), 4))
-    depth = np.where(Y > 0, depth_front, b * 0.9)
-    p = u(2.0, 2.6)
-    rho = (np.abs(X / width) ** p + np.abs(Y / depth) ** p) ** (1 / p)
-    body = rho < 1.0
-    skin_mm = 2.5
-    inner = rho < 1.0 - fat / a
-    cavity = rho < 1.0 - (fat + wall) / a
-    c.hu[body] = u(-120, -85)  # subcutaneous fat, -120 to -85 HU
-    c.hu[body & (rho > 1.0 - skin_mm / a)] = u(0, 40)  # skin
-    c.hu[inner] = hu_of["muscle"]  # abdominal wall muscles
-    # Abdominal cavity: mesenteric fat with bowel loops (soft tissue, fluid, gas, some contrast).
+    rho, inner, cavity = _paint_body(c, rng, hu_of, a, b, fat, wall, fov, bottom, top)
+    dome = _paint_lungs(c, rng, cavity, a, b, vert_r, z_liver + u(35, 55))
+    _paint_back(c, rng, hu_of, inner, spine_y, vert_r, z_kid_r)
     shape = grid.shape
-    loops = _smooth_noise(rng, shape, 14)
-    gas = _smooth_noise(rng, shape, 18)
-    contents = np.full(shape, u(-110, -80), dtype=np.float32)
-    bowel = loops > u(-0.1, 0.25)
-    contents[bowel] = u(15, 45)
-    contents[bowel & (loops > 0.55)] = u(0, 25) if rng.random() < 0.6 else u(120, 300)
-    contents[bowel & (gas > u(0.55, 0.8))] = -1000 + u(0, 150)
-    c.hu = np.where(cavity, contents, c.hu)
-
-    # Lung bases: above a diaphragm dome that rises toward the middle and falls at the back.
-    dome = z_liver + u(35, 55) - 25 * (X / a) ** 2 + 20 * np.clip(-Y / b, 0, 1) * -1
-    lungs = cavity & (Z > dome) & (np.abs(X) > vert_r + 25)
-    c.hu[lungs] = u(-900, -780)
-    heart = c.blob((u(-40, -10), b * 0.35, dome.max() + 45), (70, 55, 50))
-    if heart is not None:
-        box, r = heart
-        c.paint(box, (r < 1) & cavity[box], u(30, 60))
-
-    # Paraspinal and psoas muscles.
-    for side in (-1, 1):
-        para = (((X - side * 38) / 30) ** 2 + ((Y - (spine_y - vert_r - 35)) / 26) ** 2) < 1
-        c.hu[para & inner] = hu_of["muscle"] + u(-5, 5)
-        psoas_r = np.clip(6 + (z_kid_r - Z) * 0.18, 0, 28)
-        psoas = ((X - side * (vert_r + psoas_r + 2)) ** 2 + (Y - spine_y) ** 2) < psoas_r ** 2
-        c.hu[psoas & inner] = hu_of["muscle"] + u(-5, 5)
-
-    # Spine: vertebral bodies with discs, canal and spinous processes.
-    period = u(28, 34)
-    disc = np.mod(Z - u(0, period), period) < u(5, 8)
-    vb = ((X / vert_r) ** 2 + ((Y - spine_y) / (vert_r * 0.85)) ** 2) < 1
-    cortex = vb & ~(((X / (vert_r - 2.5)) ** 2 + ((Y - spine_y) / (vert_r * 0.85 - 2.5)) ** 2) < 1)
-    c.hu[np.broadcast_to(vb, shape)] = u(180, 300)
-    c.hu[np.broadcast_to(cortex, shape)] = u(500, 800)
-    c.hu[vb & disc] = u(70, 110)
-    canal_y = spine_y - vert_r - 9
-    ring = (X ** 2 + (Y - canal_y) ** 2 < 14 ** 2) & ~(X ** 2 + (Y - canal_y) ** 2 < 9 ** 2) & ~disc
-    c.hu[ring] = u(300, 600)
-    c.hu[np.broadcast_to(X ** 2 + (Y - canal_y) ** 2 < 9 ** 2, shape)] = u(10, 30)
-    spinous = (np.abs(X) < 4) & (Y < canal_y - 12) & (Y > canal_y - 40) & ~disc
-    c.hu[spinous] = u(300, 600)
 
     # Aorta (left-anterior of the spine) and IVC (right-anterior).
     aorta = ((X + u(10, 22)) ** 2 + (Y - (spine_y + vert_r + 12)) ** 2) < u(9, 13) ** 2
@@ -345,22 +404,8 @@ def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None
             sbox, sr = sinus
             c.paint(sbox, (sr < 1) & (c.label[sbox] == label), u(-90, -40), 0)
 
-    # Ribs: thin bands just inside the wall, falling from back to front, none at the front midline.
-    rib_band = (rho > 1.0 - (fat + wall * 0.6) / a) & (rho < 1.0 - fat / a) & (Z > bottom + u(40, 80))
-    angle = np.arctan2(Y, X * np.sign(X + 1e-6))  # 0 at the side, +pi/2 front, -pi/2 back
-    rib_z = Z + 45 * (angle / math.pi + 0.5)
-    ribs = rib_band & (np.mod(rib_z, u(22, 28)) < u(6, 10)) & ~((np.abs(X) < 50) & (Y > 0))
-    ribs &= Z > (z_kid_l - 20 + 60 * np.clip(angle, 0, None))
-    c.hu[ribs] = u(300, 700)
-
-    # Scanner physics: partial-volume blur (PSF sigma 0.6-1.2 mm), then correlated noise 6-25 HU.
-    sig = u(0.6, 1.2)
-    hu = ndimage.gaussian_filter(c.hu, [sig / s for s in grid.spacing], mode="nearest")
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), u(0.4, 0.9))
-    noise *= u(6, 25) / max(float(noise.std()), 1e-6)
-    hu = hu + noise
-    hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
-    return hu, c.label, grid.affine
+    _paint_ribs(c, rng, rho, a, fat, wall, bottom, z_kid_l)
+    return _scan(c, rng), c.label, grid.affine
 
 
 def reorient_for_writing(hu: np.ndarray, label: np.ndarray, affine: np.ndarray, code: str
