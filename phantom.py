@@ -478,3 +478,24 @@ def write_dataset(out_dir: Path, n_cases: int, seed: int = 0, workers: int = 1, 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def phantom_volume(seed: int, kind: str, spacing: float, clip: tuple[float, float], atlas: str = ""):
+    """One phantom made directly on a training grid (isotropic spacing, mm, RAS), clipped to clip
+    (HU) and cropped to the body, as a dataset.Volume: what train.py --stream trains on, with no
+    files written. kind: "procedural" (make_phantom) or "atlas" (atlas_phantom, organ shapes from
+    the FLARE22 label maps in the folder atlas)."""
+    from dataset import Volume, body_box
+
+    if kind == "atlas":
+        from atlas_phantom import atlas_paths, load_atlas, make_atlas_phantom
+
+        atlases = [load_atlas(str(p)) for p in atlas_paths(atlas)]
+        hu, label, affine = make_atlas_phantom(seed, atlases, (spacing,) * 3)
+    else:
+        hu, label, affine = make_phantom(seed, (spacing,) * 3)
+    image = np.clip(hu.astype(np.float32), *clip)
+    box = body_box(image, label, clip[0] + 50.0)
+    affine = affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ np.array([s.start or 0 for s in box], dtype=np.float64)
+    return Volume(f"phantom_{seed}", np.ascontiguousarray(image[box]), np.ascontiguousarray(label[box]), affine)

@@ -66,6 +66,8 @@ from utils import (
 )
 from vnet import PRESETS, build_vnet, count_parameters
 
+STREAM_VAL_CASES = 8  # fixed validation phantoms of a --stream run
+
 
 @dataclass
 class TrainConfig:
@@ -92,6 +94,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training step's model (on a CPU it made steps slower)
     gpu_augment: bool = False  # warp and intensity augmentation batched on the device, not in the loader
     synthetic_cases: int = 40  # phantoms generated when no dataset is found
+    stream: int = 0  # phantoms made fresh for every epoch, in memory on the training grid (0: train on --data)
+    phantom: str = "procedural"  # generator of --stream and of the default dataset: procedural or atlas
+    atlas: str = ""  # folder of FLARE22 label maps whose organ shapes --phantom atlas deforms
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
     device: str = "auto"
     deterministic: bool = False  # deterministic algorithms only: same seed, same weights, even across --resume
@@ -149,6 +154,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "intensity augmentation run batched on the training device (for when the loader "
                    "cannot keep up with the GPU)")
     p.add_argument("--synthetic-cases", type=int, default=d.synthetic_cases, help="phantoms to generate when no data")
+    p.add_argument("--stream", type=int, default=d.stream, help="train on N phantoms made fresh for every epoch (in a "
+                   "background process, never written to disk; validation on 8 fixed ones) instead of --data "
+                   "(0: off)")
+    p.add_argument("--phantom", default=d.phantom, choices=["procedural", "atlas"],
+                   help="phantom generator: procedural organs (phantom.py) or real organ shapes from --atlas label "
+                   "maps (atlas_phantom.py)")
+    p.add_argument("--atlas", default=d.atlas, help="folder of FLARE22 label maps (labelsTr/) for --phantom atlas "
+                   "(default: none)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this many minutes, whole run (default: 13 on CPU with default settings, none on CUDA)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
@@ -292,6 +305,58 @@ def find_resume(path: str) -> Path:
         raise UserError(f"{ckpt}: no checkpoint to resume (the run stopped before its first epoch ended); "
                         f"delete {p} and start the run again")
     return ckpt
+
+
+
+def start_epoch_of(state: dict | None) -> int:
+    return 0 if state is None else state["epoch"] + 1
+
+
+class PhantomStream:
+    """--stream: epoch e trains on cfg.stream phantoms whose seeds follow from (seed, e) alone, so a
+    resumed run draws what an uninterrupted one would. The next epoch's set is made in a background
+    process while this one trains (an atlas phantom takes ~2 s on one core at 3 mm); validation uses
+    STREAM_VAL_CASES fixed ones."""
+
+    def __init__(self, cfg: TrainConfig):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.cfg = cfg
+        if cfg.phantom == "atlas":
+            from atlas_phantom import atlas_paths, load_atlas
+
+            for path in atlas_paths(cfg.atlas or "--atlas not given"):
+                load_atlas(str(path))  # a bad map fails here, in one line, not in the background process
+        # forkserver: a child forked after this process ran torch operations can deadlock in OpenMP.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        self.pool = ProcessPoolExecutor(1, mp_context=context, initializer=torch.set_num_threads, initargs=(1,))
+        self.pending: dict[int, list] = {}
+
+    def seeds(self, epoch: int) -> list[int]:
+        return [int(s) for s in np.random.SeedSequence([self.cfg.seed, epoch]).generate_state(self.cfg.stream)]
+
+    def _submit(self, epoch: int, seeds: list[int], clip: tuple[float, float]) -> None:
+        from phantom import phantom_volume
+
+        if epoch not in self.pending:
+            c = self.cfg
+            self.pending[epoch] = [self.pool.submit(phantom_volume, s, c.phantom, c.spacing, clip, c.atlas) for s in seeds]
+
+    def validation(self, clip: tuple[float, float]) -> list[Volume]:
+        seeds = [int(s) for s in np.random.SeedSequence([self.cfg.seed, 2**31 - 1]).generate_state(STREAM_VAL_CASES)]
+        self._submit(-1, seeds, clip)
+        return [f.result() for f in self.pending.pop(-1)]
+
+    def volumes(self, epoch: int, clip: tuple[float, float]) -> list[Volume]:
+        self._submit(epoch, self.seeds(epoch), clip)
+        volumes = [f.result() for f in self.pending.pop(epoch)]
+        self._submit(epoch + 1, self.seeds(epoch + 1), clip)
+        return volumes
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,23 +571,36 @@ def main(args: argparse.Namespace) -> dict:
     np.random.seed(cfg.seed)
 
     # Data
-    data = d.main_first(lambda: resolve_data(cfg))  # rank 0 generates the phantoms, the others then find them
-    if cache_dir(cfg) is None:
-        train_vols, val_vols, prep, label_map = load_volumes(data, cfg, report=d.main)
-    else:  # rank 0 fills the cache, the others then map it
-        train_vols, val_vols, prep, label_map = d.main_first(lambda: load_volumes(data, cfg, report=d.main))
+    stream = PhantomStream(cfg) if cfg.stream else None
+    if stream is not None:
+        data, label_map = f"{cfg.stream} {cfg.phantom} phantoms made fresh per epoch", "identity"
+        prep = Preprocessing(spacing=(cfg.spacing,) * 3)
+        val_vols, train_vols = stream.validation(prep.clip), stream.volumes(start_epoch_of(state), prep.clip)
+        prep.mean, prep.std = intensity_stats(train_vols, prep.clip)
+    else:
+        data = d.main_first(lambda: resolve_data(cfg))  # rank 0 generates the phantoms, the others then find them
+        if cache_dir(cfg) is None:
+            train_vols, val_vols, prep, label_map = load_volumes(data, cfg, report=d.main)
+        else:  # rank 0 fills the cache, the others then map it
+            train_vols, val_vols, prep, label_map = d.main_first(lambda: load_volumes(data, cfg, report=d.main))
     if state is not None:
         prep = Preprocessing.from_dict(state["preprocessing"])
     aug = AugmentConfig()
     patch = (cfg.patch,) * 3
-    # --batch-size is per rank: an epoch's steps draw batch_size * world patches each.
-    train_set = PatchDataset(train_vols, prep, patch, cfg.steps_per_epoch * cfg.batch_size * d.world, aug, cfg.seed,
-                             defer=cfg.gpu_augment)
-    sampler = EpochSampler(len(train_set), d.rank, d.world)
-    loader = DataLoader(EpochPatches(train_set), batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        collate_fn=collate_crops if cfg.gpu_augment else None,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                        prefetch_factor=4 if cfg.workers > 0 else None)
+
+    def make_loader(volumes: list[Volume]) -> tuple[EpochSampler, DataLoader]:
+        # --batch-size is per rank: an epoch's steps draw batch_size * world patches each.
+        train_set = PatchDataset(volumes, prep, patch, cfg.steps_per_epoch * cfg.batch_size * d.world, aug, cfg.seed,
+                                 defer=cfg.gpu_augment)
+        sampler = EpochSampler(len(train_set), d.rank, d.world)
+        persistent = cfg.workers > 0 and stream is None  # a stream's loader lives one epoch
+        loader = DataLoader(EpochPatches(train_set), batch_size=cfg.batch_size, sampler=sampler,
+                            num_workers=cfg.workers, collate_fn=collate_crops if cfg.gpu_augment else None,
+                            pin_memory=device.type == "cuda", persistent_workers=persistent,
+                            prefetch_factor=4 if cfg.workers > 0 else None)
+        return sampler, loader
+
+    sampler, loader = make_loader(train_vols)
 
     # Model, loss, optimiser, schedule
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on what ran before
@@ -604,6 +682,9 @@ def main(args: argparse.Namespace) -> dict:
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
+        if stream is not None and epoch != start_epoch:
+            train_vols = stream.volumes(epoch, prep.clip)
+            sampler, loader = make_loader(train_vols)
         model.train()
         seed_epoch(cfg.seed, epoch, d.rank)
         sampler.set_epoch(epoch)
@@ -674,6 +755,8 @@ def main(args: argparse.Namespace) -> dict:
             stopped = stop
             break
 
+    if stream is not None:
+        stream.close()
     summary = None
     if d.main:
         best_ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)

@@ -1,0 +1,245 @@
+"""Phantoms on real organ shapes: SynthSeg's idea (Billot et al., 2023) for abdominal CT.
+
+The organs come from real label maps (FLARE22 training labels: liver, kidneys, spleen, pancreas,
+aorta, IVC, adrenals, gallbladder, oesophagus, stomach, duodenum), each case one map under a
+random affine and smooth elastic deformation. Every organ is filled with a HU value drawn for a
+contrast phase, and the rest of the body (skin, fat, muscle wall, spine, ribs, psoas, bowel, lung
+bases, table, arms) is painted procedurally around them by phantom.py's helpers. Domain
+randomisation is wider than the procedural phantom's: per-tissue HU offsets, scanner blur and
+noise from thin-slice sharp to thick-slice smooth, partial fields of view, arms at the sides.
+
+A map is placed by its anatomy: the spine's axis is taken midway between the kidneys in x, 30 mm
+behind the aorta's centre in y (vertebral radius 16-21 mm plus the aorta's), z = 0 at the kidneys'
+mean height; the body outline is then sized to hold the organs inside its muscle wall.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from phantom import (
+    PHASES,
+    Canvas,
+    Grid,
+    _clinical_spacing,
+    _paint_back,
+    _paint_body,
+    _paint_lungs,
+    _paint_ribs,
+    _rotation,
+    _scan,
+    _smooth_noise,
+    _tissue,
+)
+from utils import UserError
+
+# FLARE22 label values (its dataset.json) and our map: 1 liver, 2 right kidney, 3 left kidney, 4 spleen.
+FLARE = {1: "liver", 2: "right_kidney", 3: "spleen", 4: "pancreas", 5: "aorta", 6: "ivc", 7: "right_adrenal",
+         8: "left_adrenal", 9: "gallbladder", 10: "esophagus", 11: "stomach", 12: "duodenum", 13: "left_kidney"}
+TO_OURS = np.zeros(256, dtype=np.uint8)
+TO_OURS[[1, 2, 13, 3]] = [1, 2, 3, 4]
+REQUIRED = (1, 2, 3, 5, 13)  # the four targets, and the aorta that places the spine
+ATLAS_SPACING = 2.0  # mm: maps are kept at this isotropic grid (a 512x512x100 map is ~5 MB there)
+
+
+@dataclass
+class Atlas:
+    """One label map on an RAS grid of ATLAS_SPACING mm, with the anatomy that places it."""
+
+    name: str
+    label: np.ndarray  # (X, Y, Z) uint8, FLARE22 values
+    affine: np.ndarray  # (4, 4) voxel -> world RAS mm
+    spine: np.ndarray  # (3,) world mm: spine axis (x, y) at the kidneys' mean height (z)
+    lo: np.ndarray  # (3,) mm: organ bounding box relative to spine, low corner
+    hi: np.ndarray  # (3,) mm: high corner
+    z_scan: tuple[float, float]  # mm: the map's first and last slice relative to spine
+    liver_top: float  # mm, relative to spine
+    z_right_kidney: float  # mm, relative to spine
+    z_left_kidney: float
+
+
+def _centroid(label: np.ndarray, value: int, affine: np.ndarray) -> np.ndarray:
+    idx = np.argwhere(label == value)
+    return affine[:3, :3] @ idx.mean(0) + affine[:3, 3]
+
+
+@functools.lru_cache(maxsize=64)
+def load_atlas(path: str) -> Atlas:
+    """Reads a FLARE22-style label map (1 liver, 2 right kidney, 3 spleen, 5 aorta, 13 left kidney,
+    the others optional) into RAS at ATLAS_SPACING mm (nearest neighbour). Cached per process."""
+    import nibabel as nib
+
+    try:
+        img = nib.as_closest_canonical(nib.load(path))
+        data = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for unreadable files
+        raise UserError(f"{path}: cannot read the label map ({type(e).__name__}); pass FLARE22 label maps "
+                        f"(labelsTr/*.nii.gz) to --atlas") from None
+    if data.ndim != 3:
+        raise UserError(f"{path}: a {data.ndim}-D label map; --atlas needs 3-D FLARE22 label maps")
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    step = ATLAS_SPACING / zooms
+    idx = [np.minimum(np.round(np.arange(int(n / s)) * s).astype(int), n - 1) for n, s in zip(data.shape, step)]
+    label = np.ascontiguousarray(data[np.ix_(*idx)]).astype(np.uint8)
+    affine = img.affine @ np.diag([*step, 1.0])
+    present = set(np.unique(label).tolist())
+    missing = [FLARE[v] for v in REQUIRED if v not in present]
+    if missing or max(present) > 13:
+        what = f"no {', '.join(missing)}" if missing else f"label values up to {max(present)}"
+        raise UserError(f"{path}: {what}; --atlas needs FLARE22 label maps (1 liver, 2 right kidney, 3 spleen, "
+                        f"5 aorta, 13 left kidney)")
+    rk, lk, ao = (_centroid(label, v, affine) for v in (2, 13, 5))
+    spine = np.array([(rk[0] + lk[0]) / 2, ao[1] - 30.0, (rk[2] + lk[2]) / 2])
+    organs = np.argwhere(label > 0)
+    corners = np.stack([affine[:3, :3] @ organs.min(0), affine[:3, :3] @ organs.max(0)]) + affine[:3, 3]
+    liver = np.argwhere(label == 1)
+    z0 = affine[2, 3] - spine[2]
+    return Atlas(
+        name=Path(path).name.split(".")[0], label=label, affine=affine, spine=spine,
+        lo=corners.min(0) - spine, hi=corners.max(0) - spine,
+        z_scan=(float(z0), float(z0 + ATLAS_SPACING * (label.shape[2] - 1))),
+        liver_top=float(affine[2, 2] * liver[:, 2].max() + affine[2, 3] - spine[2]),
+        z_right_kidney=float(rk[2] - spine[2]), z_left_kidney=float(lk[2] - spine[2]))
+
+
+def atlas_paths(folder: str | Path) -> list[Path]:
+    """The label maps (*.nii.gz, *.nii) in folder, sorted; a clear error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; --atlas needs a folder of FLARE22 label maps (labelsTr/)")
+    paths = sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+    if not paths:
+        raise UserError(f"{folder}: holds no .nii.gz label maps; --atlas needs FLARE22 label maps (labelsTr/)")
+    return paths
+
+
+def _fill_kidney(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator,
+                 hu_of: dict) -> None:
+    """Cortex (a 4-8 mm rim, brighter in arterial and portal phase) around medulla."""
+    depth = ndimage.distance_transform_edt(mask, sampling=spacing)
+    hu[mask] = hu_of["medulla"]
+    hu[mask & (depth < rng.uniform(4, 8))] = hu_of["cortex"]
+
+
+def _paint_arms(c: Canvas, rng: np.random.Generator, a: float, b: float, hu_of: dict) -> None:
+    """Arms down at the sides (many trauma and older scans): fat, muscle and a humerus each side."""
+    u = rng.uniform
+    X, Y = c.x[:, None, None], c.y[None, :, None]
+    for side in (-1, 1):
+        r = u(38, 55)
+        cx, cy = side * (a + u(10, 50) + r), u(-0.3, 0.2) * b
+        d2 = (X - cx) ** 2 + (Y - cy) ** 2
+        limb = np.broadcast_to(d2 < r ** 2, c.hu.shape)
+        c.hu[limb] = u(-120, -85)
+        c.hu[np.broadcast_to(d2 < (r - u(4, 15)) ** 2, c.hu.shape)] = hu_of["muscle"]
+        bx, by, br = cx + u(-10, 10), cy + u(-10, 10), u(9, 13)
+        bone = (X - bx) ** 2 + (Y - by) ** 2
+        c.hu[np.broadcast_to(bone < br ** 2, c.hu.shape)] = u(600, 1200)
+        c.hu[np.broadcast_to(bone < (br - 3) ** 2, c.hu.shape)] = u(50, 250)
+
+
+def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, float, float] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One synthetic abdominal CT whose organs are a deformed real label map.
+
+    Returns (hu, label, affine) as phantom.make_phantom: hu (X, Y, Z) int16 HU, label (X, Y, Z)
+    uint8 in the project's map, affine (4, 4) RAS mm. spacing (mm) defaults to a random clinical one.
+    """
+    if not atlases:
+        raise UserError("no atlas label maps given; pass a folder of FLARE22 label maps to --atlas")
+    rng = np.random.default_rng(seed)
+    u = rng.uniform
+    atlas = atlases[int(rng.integers(len(atlases)))]
+    phase = str(rng.choice(list(PHASES), p=[0.3, 0.15, 0.55]))
+    # Domain randomisation: each tissue +-15 HU beyond its phase's range (scanner calibration, kVp,
+    # contrast timing; the TotalSegmentator example's native kidneys measure ~15 HU, its liver 46).
+    hu_of = {k: _tissue(rng, v) + u(-15, 15) for k, v in PHASES[phase].items()}
+
+    # Shape: the map scaled 0.85-1.15 (a little anisotropically), turned up to 8 degrees.
+    scale = u(0.88, 1.12) * u(0.95, 1.05, 3)
+    rot = _rotation(rng, (6, 6, 8))
+    reach = np.maximum(-atlas.lo, atlas.hi)[:2] * scale[:2] + 8.0
+
+    # Body sized to hold the organs inside its muscle wall; the spine sits 25-38% of the half-depth
+    # behind the centre, as in the procedural phantom.
+    fat = u(8, 40)
+    wall = u(8, 15)
+    vert_r = u(16, 21)
+    k = u(0.25, 0.38)
+    a = max(reach[0] + wall + fat + u(0, 20), 135.0)
+    b_front = (atlas.hi[1] * scale[1] + 8.0 + fat + wall + u(0, 15)) / (1 + k)
+    b_back = (0.5 * fat + wall - atlas.lo[1] * scale[1]) / (0.9 - k)
+    b = max(b_front, b_back, u(95, 130))
+    spine_y = -b * k
+
+    z_lo, z_hi = (z * scale[2] for z in atlas.z_scan)
+    top = z_hi - u(0, 30)
+    bottom = z_lo + u(-40, 30)
+    if rng.random() < 0.2:  # partial field of view: a scan stopping at the kidneys' lower poles
+        bottom = max(bottom, min(atlas.z_right_kidney, atlas.z_left_kidney) * scale[2] - u(30, 60))
+    if spacing is None:
+        spacing = _clinical_spacing(rng)
+    fov = max(2 * a, 2 * b) + u(30, 90)
+    arms = rng.random() < 0.35
+    if arms and rng.random() < 0.5:
+        fov += u(100, 200)
+    nx, ny = int(round(fov / spacing[0])), int(round(fov / spacing[1]))
+    nz = max(8, int(round((top - bottom) / spacing[2])))
+    origin = (-fov / 2 + u(-15, 15), -fov / 2 + u(-10, 10), bottom)
+    grid = Grid((nx, ny, nz), tuple(float(s) for s in spacing), origin)
+    c = Canvas(grid, rng)
+
+    rho, inner, cavity = _paint_body(c, rng, hu_of, a, b, fat, wall, fov, bottom, top)
+    if arms:
+        _paint_arms(c, rng, a, b, hu_of)
+    _paint_lungs(c, rng, cavity, a, b, vert_r, atlas.liver_top * scale[2] - u(5, 25))
+    _paint_back(c, rng, hu_of, inner, spine_y, vert_r, atlas.z_right_kidney * scale[2])
+
+    # Organs: each grid point q (spine frame) looked up in the map at spine + rot (q / scale) + elastic.
+    amp = u(0, 8)
+    elastic = [amp * _smooth_noise(rng, grid.shape, 5) for _ in range(3)]
+    inv = np.linalg.inv(atlas.affine)
+    m = inv[:3, :3] @ rot @ np.diag(1.0 / scale)
+    t = inv[:3, :3] @ atlas.spine + inv[:3, 3]
+    q = (c.x[:, None, None], c.y[None, :, None] - spine_y, c.z[None, None, :])
+    coords = [m[i, 0] * q[0] + m[i, 1] * q[1] + m[i, 2] * q[2] + t[i] + elastic[i] * inv[i, i] for i in range(3)]
+    organs = ndimage.map_coordinates(atlas.label, coords, order=0, mode="constant", cval=0)
+    del coords, elastic
+
+    hu = c.hu
+    tex = _smooth_noise(rng, grid.shape, 8)
+    liver = organs == 1
+    hu[liver] = hu_of["liver"] + 6 * tex[liver]
+    vessels = _smooth_noise(rng, grid.shape, 20)
+    hu[liver & (np.abs(vessels) < u(0.02, 0.05))] = hu_of["vein"] if phase != "arterial" else hu_of["liver"] - 10
+    spleen = organs == 3
+    hu[spleen] = hu_of["spleen"] + (25 if phase == "arterial" else 5) * tex[spleen]
+    for v in (2, 13):
+        _fill_kidney(hu, organs == v, grid.spacing, rng, hu_of)
+    hu[organs == 4] = u(40, 110) + u(-15, 15)  # pancreas
+    hu[organs == 5] = hu_of["aorta"]
+    hu[organs == 6] = hu_of["vein"]
+    hu[(organs == 7) | (organs == 8)] = u(10, 60)  # adrenals
+    hu[organs == 9] = u(0, 25)  # gallbladder bile
+    hu[organs == 10] = u(30, 60)  # oesophagus
+    hu[organs == 12] = u(20, 50) if rng.random() < 0.75 else u(150, 350)  # duodenum, oral contrast or not
+    stomach = organs == 11
+    if stomach.any():
+        hu[stomach] = u(30, 60)  # wall
+        lumen = stomach & (ndimage.distance_transform_edt(stomach, sampling=grid.spacing) > u(3, 6))
+        fill = u(0, 30) if rng.random() < 0.75 else u(150, 350)
+        hu[lumen] = fill
+        if lumen.any() and rng.random() < 0.7:  # an air cap at the front: the patient lies supine
+            ys = np.broadcast_to(c.y[None, :, None], lumen.shape)[lumen]
+            level = np.quantile(ys, u(0.5, 0.9))
+            hu[lumen & (c.y[None, :, None] > level)] = -1000 + u(0, 100)
+    c.label = TO_OURS[organs]
+
+    _paint_ribs(c, rng, rho, a, fat, wall, bottom, atlas.z_left_kidney * scale[2])
+    # Scanner: sharp thin-slice to smooth thick-slice reconstructions, noisy to clean.
+    return _scan(c, rng, psf_mm=(0.5, 2.0), noise_hu=(5, 40), grain=(0.3, 1.5)), c.label, grid.affine
