@@ -314,49 +314,61 @@ def start_epoch_of(state: dict | None) -> int:
 
 class PhantomStream:
     """--stream: epoch e trains on cfg.stream phantoms whose seeds follow from (seed, e) alone, so a
-    resumed run draws what an uninterrupted one would. The next epoch's set is made in a background
-    process while this one trains (an atlas phantom takes ~2 s on one core at 3 mm); validation uses
-    STREAM_VAL_CASES fixed ones."""
+    resumed run draws what an uninterrupted one would. Validation uses STREAM_VAL_CASES fixed ones.
+    With cores to spare (a GPU run), the next epoch's set is made in a background process while this
+    one trains; when training already keeps every core busy (a CPU run), they are made between
+    epochs: a background process there slows every step (oneDNN waits for its slowest thread) by
+    more than the phantoms cost (an atlas phantom takes ~2 s on one core at 3 mm)."""
 
-    def __init__(self, cfg: TrainConfig):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
+    def __init__(self, cfg: TrainConfig, background: bool):
         self.cfg = cfg
         if cfg.phantom == "atlas":
             from atlas_phantom import atlas_paths, load_atlas
 
             for path in atlas_paths(cfg.atlas or "--atlas not given"):
                 load_atlas(str(path))  # a bad map fails here, in one line, not in the background process
-        # forkserver: a child forked after this process ran torch operations can deadlock in OpenMP.
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        self.pool = ProcessPoolExecutor(1, mp_context=context, initializer=torch.set_num_threads, initargs=(1,))
+        self.pool = None
+        if background:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # forkserver: a child forked after this process ran torch operations can deadlock in OpenMP.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            self.pool = ProcessPoolExecutor(1, mp_context=context, initializer=torch.set_num_threads, initargs=(1,))
         self.pending: dict[int, list] = {}
 
     def seeds(self, epoch: int) -> list[int]:
         return [int(s) for s in np.random.SeedSequence([self.cfg.seed, epoch]).generate_state(self.cfg.stream)]
 
     def _submit(self, epoch: int, seeds: list[int], clip: tuple[float, float]) -> None:
-        from phantom import phantom_volume
+        if self.pool is not None and epoch not in self.pending:
+            from phantom import phantom_volume
 
-        if epoch not in self.pending:
             c = self.cfg
             self.pending[epoch] = [self.pool.submit(phantom_volume, s, c.phantom, c.spacing, clip, c.atlas) for s in seeds]
 
+    def _make(self, epoch: int, seeds: list[int], clip: tuple[float, float]) -> list[Volume]:
+        if self.pool is None:
+            from phantom import phantom_volume
+
+            c = self.cfg
+            return [phantom_volume(s, c.phantom, c.spacing, clip, c.atlas) for s in seeds]
+        self._submit(epoch, seeds, clip)
+        return [f.result() for f in self.pending.pop(epoch)]
+
     def validation(self, clip: tuple[float, float]) -> list[Volume]:
         seeds = [int(s) for s in np.random.SeedSequence([self.cfg.seed, 2**31 - 1]).generate_state(STREAM_VAL_CASES)]
-        self._submit(-1, seeds, clip)
-        return [f.result() for f in self.pending.pop(-1)]
+        return self._make(-1, seeds, clip)
 
     def volumes(self, epoch: int, clip: tuple[float, float]) -> list[Volume]:
-        self._submit(epoch, self.seeds(epoch), clip)
-        volumes = [f.result() for f in self.pending.pop(epoch)]
+        volumes = self._make(epoch, self.seeds(epoch), clip)
         self._submit(epoch + 1, self.seeds(epoch + 1), clip)
         return volumes
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +583,8 @@ def main(args: argparse.Namespace) -> dict:
     np.random.seed(cfg.seed)
 
     # Data
-    stream = PhantomStream(cfg) if cfg.stream else None
+    spare_cores = device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads() + 1
+    stream = PhantomStream(cfg, background=spare_cores) if cfg.stream else None
     if stream is not None:
         data, label_map = f"{cfg.stream} {cfg.phantom} phantoms made fresh per epoch", "identity"
         prep = Preprocessing(spacing=(cfg.spacing,) * 3)

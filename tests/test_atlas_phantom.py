@@ -1,0 +1,87 @@
+"""Atlas phantoms (organ shapes from FLARE22 label maps) and training on phantoms streamed per epoch."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REAL, needs_real
+
+import train
+from atlas_phantom import atlas_paths, load_atlas, make_atlas_phantom
+from phantom import make_phantom, phantom_volume
+from utils import UserError
+
+FLARE_OF_OURS = np.array([0, 1, 2, 13, 3], dtype=np.uint8)  # ours -> FLARE22: liver, R kidney, L kidney, spleen
+
+
+@pytest.fixture(scope="module")
+def atlas_dir(tmp_path_factory):
+    """Two FLARE22-style maps made from procedural phantoms (at 4 mm), with an aorta (label 5) in
+    front of the spine: stand-ins for real label maps, so these tests need no shared data."""
+    folder = tmp_path_factory.mktemp("atlas")
+    for seed in (3, 4):
+        _, ours, affine = make_phantom(seed, spacing=(4.0, 4.0, 4.0))
+        flare = FLARE_OF_OURS[ours]
+        kidneys = np.argwhere((ours == 2) | (ours == 3)).mean(0)
+        x, y, _ = np.ogrid[:ours.shape[0], :ours.shape[1], :ours.shape[2]]
+        aorta = (x - (kidneys[0] - 3)) ** 2 + (y - (kidneys[1] + 6)) ** 2 < 9
+        flare[np.broadcast_to(aorta, flare.shape) & (flare == 0)] = 5
+        nib.save(nib.Nifti1Image(flare, affine), folder / f"FLARE22_Tr_{seed:04d}.nii.gz")
+    return folder
+
+
+def test_atlas_phantom_is_reproducible_and_anatomical(atlas_dir):
+    atlases = [load_atlas(str(p)) for p in atlas_paths(atlas_dir)]
+    hu, label, affine = make_atlas_phantom(11, atlases, (4.0, 4.0, 4.0))
+    hu2, label2, _ = make_atlas_phantom(11, atlases, (4.0, 4.0, 4.0))
+    assert np.array_equal(hu, hu2) and np.array_equal(label, label2)
+    assert hu.dtype == np.int16 and label.dtype == np.uint8 and hu.shape == label.shape
+    assert set(np.unique(label)) == {0, 1, 2, 3, 4}
+    # RAS: the right kidney (2) and the liver (1) lie at larger x (the patient's right) than the left kidney and spleen.
+    x = {c: np.argwhere(label == c)[:, 0].mean() for c in (1, 2, 3, 4)}
+    assert x[2] > x[3] and x[1] > x[4]
+    assert np.allclose(np.diag(affine)[:3], 4.0)
+
+
+def test_atlas_errors_name_the_file(atlas_dir, tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        atlas_paths(tmp_path / "missing")
+    with pytest.raises(UserError, match="holds no .nii.gz"):
+        atlas_paths(tmp_path)
+    bad = tmp_path / "no_aorta.nii.gz"
+    img = nib.load(atlas_paths(atlas_dir)[0])
+    data = np.asarray(img.dataobj).copy()
+    data[data == 5] = 0
+    nib.save(nib.Nifti1Image(data, img.affine), bad)
+    with pytest.raises(UserError, match=r"no_aorta.nii.gz: no aorta"):
+        load_atlas(str(bad))
+
+
+def test_phantom_volume_is_on_the_training_grid(atlas_dir):
+    vol = phantom_volume(5, "atlas", 6.0, (-200.0, 400.0), str(atlas_dir))
+    assert vol.image.shape == vol.label.shape and np.allclose(np.diag(vol.affine)[:3], 6.0)
+    assert vol.image.min() >= -200 and vol.image.max() <= 400
+    assert {1, 2, 3, 4} <= set(np.unique(vol.label))
+
+
+def test_stream_trains_on_fresh_phantoms_each_epoch(atlas_dir, tmp_path):
+    args = ["--stream", "2", "--phantom", "atlas", "--atlas", str(atlas_dir), "--epochs", "2", "--spacing", "8",
+            "--patch", "16", "--steps-per-epoch", "2", "--device", "cpu", "--out", str(tmp_path), "--run", "s"]
+    summary = train.main(train.parse_args(args))
+    best = torch.load(tmp_path / "s" / "best.pt", weights_only=True)
+    assert summary["epochs_run"] == 2 and best["train_config"]["phantom"] == "atlas"
+    stream = train.PhantomStream.__new__(train.PhantomStream)
+    stream.cfg = train.TrainConfig(stream=3, seed=0)
+    assert len(set(stream.seeds(0)) | set(stream.seeds(1))) == 6  # epochs never repeat a phantom
+
+
+@needs_real
+def test_flare22_maps_load_with_plausible_anatomy():
+    atlases = [load_atlas(str(p)) for p in atlas_paths(REAL / "flare22_labels")[:2]]
+    for a in atlases:
+        vox = 2.0 ** 3 / 1000  # mL per atlas voxel
+        assert 900 < (a.label == 1).sum() * vox < 3000  # liver
+        assert 60 < (a.label == 3).sum() * vox < 600  # spleen
+        assert a.z_right_kidney < a.liver_top
+    hu, label, _ = make_atlas_phantom(0, atlases, (3.0, 3.0, 3.0))
+    assert set(np.unique(label)) == {0, 1, 2, 3, 4}
