@@ -140,6 +140,20 @@ def _fill_kidney(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...], r
     hu[mask & (depth < rng.uniform(4, 8))] = hu_of["cortex"]
 
 
+def _paint_lesions(c: Canvas, rng: np.random.Generator, organ: np.ndarray, n: int, hu_range: tuple[float, float]
+                   ) -> None:
+    """n round lesions (radius 5-25 mm, HU in hu_range) centred inside organ, clipped to it."""
+    inside = np.argwhere(organ)
+    if inside.size == 0:
+        return
+    for _ in range(n):
+        center = np.array([ax[i] for ax, i in zip((c.x, c.y, c.z), inside[int(rng.integers(len(inside)))])])
+        lesion = c.blob(center, np.full(3, rng.uniform(5, 25)), wobble=0.1)
+        if lesion is not None:
+            box, r = lesion
+            c.paint(box, (r < 1) & organ[box], rng.uniform(*hu_range))
+
+
 def _paint_arms(c: Canvas, rng: np.random.Generator, a: float, b: float, hu_of: dict) -> None:
     """Arms down at the sides (many trauma and older scans): fat, muscle and a humerus each side."""
     u = rng.uniform
@@ -236,6 +250,11 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     hu[liver] = hu_of["liver"] + 6 * tex[liver]
     vessels = _smooth_noise(rng, grid.shape, 20)
     hu[liver & (np.abs(vessels) < u(0.02, 0.05))] = hu_of["vein"] if phase != "arterial" else hu_of["liver"] - 10
+    # Lesions keep their organ's label (as in FLARE22, LiTS, IRCAD): hypodense metastases or cysts
+    # in a third of livers (0-45 HU, 5-25 mm), simple cysts (0-20 HU) in a fifth of kidneys.
+    for organ, prob, count, hu_range in ((1, 0.35, 6, (0, 45)), (2, 0.2, 2, (0, 20)), (13, 0.2, 2, (0, 20))):
+        if rng.random() < prob:
+            _paint_lesions(c, rng, organs == organ, int(rng.integers(1, count + 1)), hu_range)
     spleen = organs == 3
     hu[spleen] = hu_of["spleen"] + (25 if phase == "arterial" else 5) * tex[spleen]
     for v in (2, 13):
