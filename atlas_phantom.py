@@ -213,6 +213,8 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     if spacing is None:
         spacing = _clinical_spacing(rng)
     fov = max(2 * a, 2 * b) + u(30, 90)
+    if rng.random() < 0.2:  # a field of view narrower than the body: its sides cut off
+        fov = min(fov, 2 * a * u(0.8, 1.0))
     arms = rng.random() < 0.35
     if arms and rng.random() < 0.5:
         fov += u(100, 200)
