@@ -171,12 +171,13 @@ def _paint_arms(c: Canvas, rng: np.random.Generator, a: float, b: float, hu_of: 
         c.hu[np.broadcast_to(bone < (br - 3) ** 2, c.hu.shape)] = u(50, 250)
 
 
-def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, float, float] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, float, float] | None = None,
+                       slice_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic abdominal CT whose organs are a deformed real label map.
 
     Returns (hu, label, affine) as phantom.make_phantom: hu (X, Y, Z) int16 HU, label (X, Y, Z)
-    uint8 in the project's map, affine (4, 4) RAS mm. spacing (mm) defaults to a random clinical one.
+    uint8 in the project's map, affine (4, 4) RAS mm. spacing (mm) defaults to a random clinical one;
+    slice_mm as in make_phantom.
     """
     if not atlases:
         raise UserError("no atlas label maps given; pass a folder of FLARE22 label maps to --atlas")
@@ -282,4 +283,4 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
 
     _paint_ribs(c, rng, rho, a, fat, wall, bottom, atlas.z_left_kidney * scale[2])
     # Scanner: sharp thin-slice to smooth thick-slice reconstructions, noisy to clean.
-    return _scan(c, rng, psf_mm=(0.5, 2.0), noise_hu=(5, 40), grain=(0.3, 1.5)), c.label, grid.affine
+    return _scan(c, rng, (0.5, 2.0), (5, 40), (0.3, 1.5), slice_mm), c.label, grid.affine

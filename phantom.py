@@ -241,12 +241,16 @@ def _paint_ribs(c: Canvas, rng: np.random.Generator, rho: np.ndarray, a: float, 
 
 
 def _scan(c: Canvas, rng: np.random.Generator, psf_mm: tuple[float, float] = (0.6, 1.2),
-          noise_hu: tuple[float, float] = (6, 25), grain: tuple[float, float] = (0.4, 0.9)) -> np.ndarray:
-    """Scanner physics on the painted HU: partial-volume blur (PSF sigma psf_mm), then correlated
-    noise (std noise_hu, correlation grain voxels). Returns int16 HU."""
+          noise_hu: tuple[float, float] = (6, 25), grain: tuple[float, float] = (0.4, 0.9),
+          slice_mm: float = 0.0) -> np.ndarray:
+    """Scanner physics on the painted HU: partial-volume blur (PSF sigma psf_mm, and a slice
+    profile of FWHM slice_mm along z when the grid is finer than the slices it stands for), then
+    correlated noise (std noise_hu, correlation grain voxels). Returns int16 HU."""
     u = rng.uniform
     sig = u(*psf_mm)
-    hu = ndimage.gaussian_filter(c.hu, [sig / s for s in c.grid.spacing], mode="nearest")
+    sigmas = [sig / s for s in c.grid.spacing]
+    sigmas[2] = math.hypot(sigmas[2], slice_mm / 2.355 / c.grid.spacing[2])
+    hu = ndimage.gaussian_filter(c.hu, sigmas, mode="nearest")
     noise = ndimage.gaussian_filter(rng.standard_normal(c.grid.shape, dtype=np.float32), u(*grain))
     noise *= u(*noise_hu) / max(float(noise.std()), 1e-6)
     hu = hu + noise
@@ -258,7 +262,7 @@ def _clinical_spacing(rng: np.random.Generator) -> tuple[float, float, float]:
     return (inplane, inplane, float(rng.choice([1.5, 2.0, 2.5, 3.0, 5.0], p=[0.1, 0.2, 0.3, 0.3, 0.1])))
 
 
-def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None
+def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None, slice_mm: float = 0.0
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic abdominal CT.
 
@@ -405,7 +409,7 @@ def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None
             c.paint(sbox, (sr < 1) & (c.label[sbox] == label), u(-90, -40), 0)
 
     _paint_ribs(c, rng, rho, a, fat, wall, bottom, z_kid_l)
-    return _scan(c, rng), c.label, grid.affine
+    return _scan(c, rng, slice_mm=slice_mm), c.label, grid.affine
 
 
 def reorient_for_writing(hu: np.ndarray, label: np.ndarray, affine: np.ndarray, code: str
@@ -483,17 +487,19 @@ def write_dataset(out_dir: Path, n_cases: int, seed: int = 0, workers: int = 1, 
 def phantom_volume(seed: int, kind: str, spacing: float, clip: tuple[float, float], atlas: str = ""):
     """One phantom made directly on a training grid (isotropic spacing, mm, RAS), clipped to clip
     (HU) and cropped to the body, as a dataset.Volume: what train.py --stream trains on, with no
-    files written. kind: "procedural" (make_phantom) or "atlas" (atlas_phantom, organ shapes from
-    the FLARE22 label maps in the folder atlas)."""
+    files written. kind: "procedural" (make_phantom), "atlas" (atlas_phantom: organ shapes from the
+    FLARE22 label maps in the folder atlas) or "mixed" (even seeds procedural, odd ones atlas).
+    Each gets a slice profile of 0.5-5 mm, as the scans it stands for had before resampling."""
     from dataset import Volume, body_box
 
-    if kind == "atlas":
+    slice_mm = float(np.random.default_rng([seed, 1]).uniform(0.5, 5.0))
+    if kind == "atlas" or (kind == "mixed" and seed % 2):
         from atlas_phantom import atlas_paths, load_atlas, make_atlas_phantom
 
         atlases = [load_atlas(str(p)) for p in atlas_paths(atlas)]
-        hu, label, affine = make_atlas_phantom(seed, atlases, (spacing,) * 3)
+        hu, label, affine = make_atlas_phantom(seed, atlases, (spacing,) * 3, slice_mm)
     else:
-        hu, label, affine = make_phantom(seed, (spacing,) * 3)
+        hu, label, affine = make_phantom(seed, (spacing,) * 3, slice_mm)
     image = np.clip(hu.astype(np.float32), *clip)
     box = body_box(image, label, clip[0] + 50.0)
     affine = affine.copy()

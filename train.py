@@ -95,7 +95,7 @@ class TrainConfig:
     gpu_augment: bool = False  # warp and intensity augmentation batched on the device, not in the loader
     synthetic_cases: int = 40  # phantoms generated when no dataset is found
     stream: int = 0  # phantoms made fresh for every epoch, in memory on the training grid (0: train on --data)
-    phantom: str = "procedural"  # generator of --stream and of the default dataset: procedural or atlas
+    phantom: str = "procedural"  # generator of --stream: procedural, atlas or mixed (half each)
     atlas: str = ""  # folder of FLARE22 label maps whose organ shapes --phantom atlas deforms
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
     device: str = "auto"
@@ -157,9 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream", type=int, default=d.stream, help="train on N phantoms made fresh for every epoch (in a "
                    "background process, never written to disk; validation on 8 fixed ones) instead of --data "
                    "(0: off)")
-    p.add_argument("--phantom", default=d.phantom, choices=["procedural", "atlas"],
-                   help="phantom generator: procedural organs (phantom.py) or real organ shapes from --atlas label "
-                   "maps (atlas_phantom.py)")
+    p.add_argument("--phantom", default=d.phantom, choices=["procedural", "atlas", "mixed"],
+                   help="--stream's generator: procedural organs (phantom.py), real organ shapes from --atlas label "
+                   "maps (atlas_phantom.py), or mixed: half each")
     p.add_argument("--atlas", default=d.atlas, help="folder of FLARE22 label maps (labelsTr/) for --phantom atlas "
                    "(default: none)")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -322,7 +322,7 @@ class PhantomStream:
 
     def __init__(self, cfg: TrainConfig, background: bool):
         self.cfg = cfg
-        if cfg.phantom == "atlas":
+        if cfg.phantom in ("atlas", "mixed"):
             from atlas_phantom import atlas_paths, load_atlas
 
             for path in atlas_paths(cfg.atlas or "--atlas not given"):
