@@ -154,6 +154,35 @@ def _paint_lesions(c: Canvas, rng: np.random.Generator, organ: np.ndarray, n: in
             c.paint(box, (r < 1) & organ[box], rng.uniform(*hu_range))
 
 
+def _paint_pelvis(c: Canvas, rng: np.random.Generator, cavity: np.ndarray, organs: np.ndarray, spine_y: float,
+                  vert_r: float, z_crest: float, a: float) -> None:
+    """Below the iliac crests (z_crest, mm): iliac wings flaring out behind the cavity, the sacrum
+    continuing the spine, femoral heads 100-140 mm lower, and a bladder in front; never over organs."""
+    u = rng.uniform
+    X, Y, Z = c.x[:, None, None], c.y[None, :, None], c.z[None, None, :]
+    free = (organs == 0)
+    depth = np.clip((z_crest - Z) / 120.0, 0, 1)  # 0 at the crest, 1 at the acetabulum
+    for side in (-1, 1):
+        # A wing: a thin curved plate whose centre moves in and forward going down.
+        cx = side * a * u(0.45, 0.6) * (1 - 0.45 * depth)
+        cy = spine_y + u(0, 15) + 30 * depth
+        ring = np.abs(np.hypot(X - cx, (Y - cy) / 1.6) - u(35, 45) * (1 - 0.3 * depth))
+        wing = (ring < u(3, 6)) & (Z < z_crest) & (Z > z_crest - 130) & (side * (X - cx) > -25)
+        c.hu[wing & free] = u(300, 700)
+        z_head = z_crest - u(100, 140)
+        head = c.blob((side * u(80, 100), spine_y + u(40, 60), z_head), np.full(3, u(21, 26)))
+        if head is not None:
+            box, r = head
+            c.paint(box, (r < 1) & free[box], u(250, 450))
+            c.paint(box, (r < 0.8) & free[box], u(100, 250))
+    sacrum = (X ** 2 + ((Y - spine_y - 10 * depth) / 0.7) ** 2 < (vert_r * 1.6) ** 2) & (Z < z_crest - 20)
+    c.hu[sacrum & free & ~cavity] = u(200, 400)
+    bladder = c.blob((u(-15, 15), spine_y + u(70, 110), z_crest - u(110, 150)), (u(30, 50), u(25, 40), u(25, 45)))
+    if bladder is not None:
+        box, r = bladder
+        c.paint(box, (r < 1) & free[box] & cavity[box], u(0, 20))
+
+
 def _paint_arms(c: Canvas, rng: np.random.Generator, a: float, b: float, hu_of: dict) -> None:
     """Arms down at the sides (many trauma and older scans): fat, muscle and a humerus each side."""
     u = rng.uniform
@@ -207,10 +236,16 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     spine_y = -b * k
 
     z_lo, z_hi = (z * scale[2] for z in atlas.z_scan)
+    z_kidneys = min(atlas.z_right_kidney, atlas.z_left_kidney) * scale[2]
+    z_crest = z_kidneys - u(70, 100)  # iliac crests, about L4
     top = z_hi - u(0, 30)
     bottom = z_lo + u(-40, 30)
-    if rng.random() < 0.2:  # partial field of view: a scan stopping at the kidneys' lower poles
-        bottom = max(bottom, min(atlas.z_right_kidney, atlas.z_left_kidney) * scale[2] - u(30, 60))
+    fov_z = rng.random()
+    if fov_z < 0.2:  # a scan stopping at the kidneys' lower poles
+        bottom = max(bottom, z_kidneys - u(30, 60))
+    elif fov_z < 0.45:  # an abdomen-pelvis scan starting at the liver or the kidneys, down to the hips
+        top = min(top, atlas.liver_top * scale[2] - u(20, 140))
+        bottom = min(bottom, z_crest - u(60, 200))
     if spacing is None:
         spacing = _clinical_spacing(rng)
     fov = max(2 * a, 2 * b) + u(30, 90)
@@ -282,5 +317,7 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     c.label = TO_OURS[organs]
 
     _paint_ribs(c, rng, rho, a, fat, wall, bottom, atlas.z_left_kidney * scale[2])
+    if bottom < z_crest:
+        _paint_pelvis(c, rng, cavity, organs, spine_y, vert_r, z_crest, a)
     # Scanner: sharp thin-slice to smooth thick-slice reconstructions, noisy to clean.
     return _scan(c, rng, (0.5, 2.0), (5, 40), (0.3, 1.5), slice_mm), c.label, grid.affine
