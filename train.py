@@ -3,6 +3,7 @@
     python train.py                      # data/ if it holds a dataset, else built-in phantoms
     python train.py --data DIR           # FLARE22, BTCV, AMOS, WORD, MSD, TotalSegmentator, nnU-Net folder
     python train.py --data LIST.json     # a datalist: {"training": [{"image": ..., "label": ...}]}
+    python train.py --stream 8 --phantom mixed --atlas FLARE22/labelsTr   # fresh phantoms every epoch
     python train.py --resume checkpoints/RUN
     python train.py --deterministic      # bit-for-bit reproducible, also across a kill and --resume
     torchrun --standalone --nproc_per_node=4 train.py ...   # four GPUs (see distributed.py)
