@@ -155,9 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "intensity augmentation run batched on the training device (for when the loader "
                    "cannot keep up with the GPU)")
     p.add_argument("--synthetic-cases", type=int, default=d.synthetic_cases, help="phantoms to generate when no data")
-    p.add_argument("--stream", type=int, default=d.stream, help="train on N phantoms made fresh for every epoch (in a "
-                   "background process, never written to disk; validation on 8 fixed ones) instead of --data "
-                   "(0: off)")
+    p.add_argument("--stream", type=int, default=d.stream, help="train on N phantoms made fresh for every epoch (in "
+                   "memory, never written to disk; validation on 8 fixed ones) instead of --data (0: off)")
     p.add_argument("--phantom", default=d.phantom, choices=["procedural", "atlas", "mixed"],
                    help="--stream's generator: procedural organs (phantom.py), real organ shapes from --atlas label "
                    "maps (atlas_phantom.py), or mixed: half each")
@@ -308,7 +307,6 @@ def find_resume(path: str) -> Path:
     return ckpt
 
 
-
 def start_epoch_of(state: dict | None) -> int:
     return 0 if state is None else state["epoch"] + 1
 
@@ -326,7 +324,9 @@ class PhantomStream:
         if cfg.phantom in ("atlas", "mixed"):
             from atlas_phantom import atlas_paths, load_atlas
 
-            for path in atlas_paths(cfg.atlas or "--atlas not given"):
+            if not cfg.atlas:
+                raise UserError(f"--phantom {cfg.phantom} needs --atlas FOLDER of FLARE22 label maps (labelsTr/)")
+            for path in atlas_paths(cfg.atlas):
                 load_atlas(str(path))  # a bad map fails here, in one line, not in the background process
         self.pool = None
         if background:

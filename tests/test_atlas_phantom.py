@@ -85,3 +85,10 @@ def test_flare22_maps_load_with_plausible_anatomy():
         assert a.z_right_kidney < a.liver_top
     hu, label, _ = make_atlas_phantom(0, atlases, (3.0, 3.0, 3.0))
     assert set(np.unique(label)) == {0, 1, 2, 3, 4}
+
+
+def test_atlas_stream_without_atlas_is_one_clear_error(tmp_path):
+    args = ["--stream", "2", "--phantom", "mixed", "--device", "cpu", "--out", str(tmp_path), "--run", "x"]
+    with pytest.raises(UserError, match="--phantom mixed needs --atlas FOLDER"):
+        train.main(train.parse_args(args))
+    assert not (tmp_path / "x").exists()
