@@ -761,11 +761,17 @@ def load_case(case: CasePaths, prep: Preprocessing, label_map: str) -> Volume:
     image, info = preprocess_image(hu, affine, prep, normalize=False)
     del hu
     image = image.clamp_(*prep.clip).numpy()
-    label = preprocess_label(label, info)
-    box = body_box(image, label, prep.clip[0] + 50.0)
-    out_affine = info.affine_out.copy()
-    out_affine[:3, 3] += info.affine_out[:3, :3] @ np.array([s.start or 0 for s in box], dtype=np.float64)
-    return Volume(case.name, np.ascontiguousarray(image[box]), np.ascontiguousarray(label[box]), out_affine)
+    return body_volume(case.name, image, preprocess_label(label, info), info.affine_out, prep.clip)
+
+
+def body_volume(name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray, clip: tuple[float, float]
+                ) -> Volume:
+    """A Volume of image (X, Y, Z, HU already clipped to clip) and label cropped to body_box, its
+    affine moved to the crop's first voxel."""
+    box = body_box(image, label, clip[0] + 50.0)
+    out_affine = np.array(affine, dtype=np.float64)
+    out_affine[:3, 3] += out_affine[:3, :3] @ np.array([s.start or 0 for s in box], dtype=np.float64)
+    return Volume(name, np.ascontiguousarray(image[box]), np.ascontiguousarray(label[box]), out_affine)
 
 
 def body_box(image: np.ndarray, label: np.ndarray, hu: float, margin: int = 4

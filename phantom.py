@@ -490,7 +490,7 @@ def phantom_volume(seed: int, kind: str, spacing: float, clip: tuple[float, floa
     files written. kind: "procedural" (make_phantom), "atlas" (atlas_phantom: organ shapes from the
     FLARE22 label maps in the folder atlas) or "mixed" (even seeds procedural, odd ones atlas).
     Each gets a slice profile of 0.5-5 mm, as the scans it stands for had before resampling."""
-    from dataset import Volume, body_box
+    from dataset import body_volume
 
     slice_mm = float(np.random.default_rng([seed, 1]).uniform(0.5, 5.0))
     if kind == "atlas" or (kind == "mixed" and seed % 2):
@@ -500,8 +500,4 @@ def phantom_volume(seed: int, kind: str, spacing: float, clip: tuple[float, floa
         hu, label, affine = make_atlas_phantom(seed, atlases, (spacing,) * 3, slice_mm)
     else:
         hu, label, affine = make_phantom(seed, (spacing,) * 3, slice_mm)
-    image = np.clip(hu.astype(np.float32), *clip)
-    box = body_box(image, label, clip[0] + 50.0)
-    affine = affine.copy()
-    affine[:3, 3] += affine[:3, :3] @ np.array([s.start or 0 for s in box], dtype=np.float64)
-    return Volume(f"phantom_{seed}", np.ascontiguousarray(image[box]), np.ascontiguousarray(label[box]), affine)
+    return body_volume(f"phantom_{seed}", np.clip(hu.astype(np.float32), *clip), label, affine, clip)

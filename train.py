@@ -50,6 +50,7 @@ from dataset import (
 )
 from gpu_augment import augment_batch, collate_crops
 from losses import DiceCELoss
+from phantom import phantom_volume
 from utils import (
     CHECKPOINT_FORMAT,
     LABELS,
@@ -307,10 +308,6 @@ def find_resume(path: str) -> Path:
     return ckpt
 
 
-def start_epoch_of(state: dict | None) -> int:
-    return 0 if state is None else state["epoch"] + 1
-
-
 class PhantomStream:
     """--stream: epoch e trains on cfg.stream phantoms whose seeds follow from (seed, e) alone, so a
     resumed run draws what an uninterrupted one would. Validation uses STREAM_VAL_CASES fixed ones.
@@ -342,19 +339,17 @@ class PhantomStream:
     def seeds(self, epoch: int) -> list[int]:
         return [int(s) for s in np.random.SeedSequence([self.cfg.seed, epoch]).generate_state(self.cfg.stream)]
 
+    def _args(self, seed: int, clip: tuple[float, float]) -> tuple:
+        c = self.cfg
+        return seed, c.phantom, c.spacing, clip, c.atlas
+
     def _submit(self, epoch: int, seeds: list[int], clip: tuple[float, float]) -> None:
         if self.pool is not None and epoch not in self.pending:
-            from phantom import phantom_volume
-
-            c = self.cfg
-            self.pending[epoch] = [self.pool.submit(phantom_volume, s, c.phantom, c.spacing, clip, c.atlas) for s in seeds]
+            self.pending[epoch] = [self.pool.submit(phantom_volume, *self._args(s, clip)) for s in seeds]
 
     def _make(self, epoch: int, seeds: list[int], clip: tuple[float, float]) -> list[Volume]:
         if self.pool is None:
-            from phantom import phantom_volume
-
-            c = self.cfg
-            return [phantom_volume(s, c.phantom, c.spacing, clip, c.atlas) for s in seeds]
+            return [phantom_volume(*self._args(s, clip)) for s in seeds]
         self._submit(epoch, seeds, clip)
         return [f.result() for f in self.pending.pop(epoch)]
 
@@ -589,7 +584,7 @@ def main(args: argparse.Namespace) -> dict:
     if stream is not None:
         data, label_map = f"{cfg.stream} {cfg.phantom} phantoms made fresh per epoch", "identity"
         prep = Preprocessing(spacing=(cfg.spacing,) * 3)
-        val_vols, train_vols = stream.validation(prep.clip), stream.volumes(start_epoch_of(state), prep.clip)
+        val_vols, train_vols = stream.validation(prep.clip), stream.volumes(0 if state is None else state["epoch"] + 1, prep.clip)
         prep.mean, prep.std = intensity_stats(train_vols, prep.clip)
     else:
         data = d.main_first(lambda: resolve_data(cfg))  # rank 0 generates the phantoms, the others then find them
