@@ -3,7 +3,7 @@
 The organs come from real label maps (FLARE22 training labels: liver, kidneys, spleen, pancreas,
 aorta, IVC, adrenals, gallbladder, oesophagus, stomach, duodenum), each case one map under a
 random affine and smooth elastic deformation. Every organ is filled with a HU value drawn for a
-contrast phase, and the rest of the body (skin, fat, muscle wall, spine, ribs, psoas, bowel, lung
+contrast phase, and the rest of the body (skin, fat, muscle wall, spine, ribs, psoas, bowel, colon, lung
 bases, table, arms) is painted procedurally around them by phantom.py's helpers. Domain
 randomisation is wider than the procedural phantom's: per-tissue HU offsets, scanner blur and
 noise from thin-slice sharp to thick-slice smooth, partial fields of view, arms at the sides.
@@ -183,6 +183,77 @@ def _paint_pelvis(c: Canvas, rng: np.random.Generator, cavity: np.ndarray, organ
         c.paint(box, (r < 1) & free[box] & cavity[box], u(0, 20))
 
 
+def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: float, b: float, z_crest: float
+                ) -> list[tuple[np.ndarray, float]]:
+    """Centre points (mm) and radii of the colon: cecum and ascending colon up the liver's flank to
+    the hepatic flexure under it, the transverse colon sagging across the front, the splenic flexure
+    under the spleen and the descending colon down the other flank. Steps of about a third of a radius."""
+    u = rng.uniform
+    liver, spleen = np.argwhere(organs == 1), np.argwhere(organs == 3)
+    if len(liver) == 0 or len(spleen) == 0:
+        return []
+    right = 1.0 if c.x[liver[:, 0]].mean() > 0 else -1.0  # the liver's side, whatever the orientation
+    z_liver = float(np.quantile(c.z[liver[:, 2]], 0.03))
+    z_spleen = float(np.quantile(c.z[spleen[:, 2]], 0.1))
+    hepatic = np.array([right * u(0.45, 0.65) * a, u(-0.1, 0.35) * b, z_liver - u(0, 25)])
+    splenic = np.array([-right * u(0.5, 0.7) * a, u(-0.2, 0.2) * b, z_spleen + u(-20, 20)])
+    legs = [
+        (np.array([right * u(0.4, 0.6) * a, u(-0.1, 0.3) * b, z_crest - u(10, 60)]), hepatic, u(22, 35)),
+        (hepatic, np.array([u(-30, 30), u(0.35, 0.65) * b, min(z_liver, z_spleen) - u(10, 90)]), u(18, 30)),
+        (None, splenic, None),
+        (splenic, np.array([-right * u(0.5, 0.65) * a, u(-0.2, 0.1) * b, z_crest - u(0, 50)]), u(15, 25)),
+    ]
+    points, start = [], None
+    for p0, p1, r in legs:
+        if p0 is None:  # the transverse colon's second half ends at the splenic flexure
+            p0, p1, r = start, p1, points[-1][1]
+        n = max(2, int(np.linalg.norm(p1 - p0) / (r / 3)))
+        wander = np.cumsum(rng.normal(0, r / 8, (n, 3)), axis=0)
+        wander -= np.linspace(0, 1, n)[:, None] * wander[-1]  # the ends stay put
+        points += [(p0 + (p1 - p0) * t + w, r * u(0.85, 1.15)) for t, w in zip(np.linspace(0, 1, n), wander)]
+        start = p1
+    return points
+
+
+def _paint_colon(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, a: float, b: float,
+                 z_crest: float) -> None:
+    """The colon, never over organs: its contents stool (mottled, -20 to 45 HU with gas bubbles),
+    fluid (0-30 HU) or gas, each stretch drawn apart, inside a 2-4 mm wall of 20-50 HU. A stool-filled
+    right colon under the liver is soft tissue a model must not call liver."""
+    u = rng.uniform
+    colon = np.zeros(c.grid.shape, dtype=bool)
+    for center, r in _colon_path(rng, organs, c, a, b, z_crest):
+        blob = c.blob(center, r * u(0.85, 1.15, 3), wobble=0.15, cells=3)
+        if blob is not None:
+            box, rr = blob
+            colon[box] |= rr < 1
+    colon &= (organs == 0) & cavity
+    idx = np.argwhere(colon)
+    if idx.size == 0:
+        return
+    box = tuple(slice(lo, hi + 1) for lo, hi in zip(idx.min(0), idx.max(0)))
+    inside = colon[box]
+    extent = max((hi - lo) * s for lo, hi, s in zip(idx.min(0), idx.max(0), c.grid.spacing))
+    cells = int(np.clip(extent / 12.0, 4, 40))  # ~12 mm features
+    mottle, stretch = (_smooth_noise(rng, inside.shape, cells) for _ in range(2))
+    bubbles = _smooth_noise(rng, inside.shape, min(3 * cells, 80))  # gas bubbles of ~4 mm
+    kind = np.digitize(stretch, [-0.25, 0.25])  # 0, 1, 2: which of three contents per stretch
+    contents = np.empty(inside.shape, dtype=np.float32)
+    for k in range(3):
+        roll = rng.random()
+        if roll < 0.55:
+            fill = u(-20, 45) + 25 * mottle  # overlaps liver HU in native scans: the texture must tell
+            fill = np.where(bubbles > u(0.5, 0.9), -950 + u(0, 200), fill)
+        elif roll < 0.7:
+            fill = np.full(inside.shape, u(0, 30), dtype=np.float32)
+        else:
+            fill = np.full(inside.shape, -1000 + u(0, 100), dtype=np.float32)
+        contents = np.where(kind == k, fill, contents)
+    contents[inside & (_depth(inside, c.grid.spacing) < u(2, 4))] = u(20, 50)
+    region = c.hu[box]
+    region[inside] = contents[inside]
+
+
 def _paint_arms(c: Canvas, rng: np.random.Generator, a: float, b: float, hu_of: dict) -> None:
     """Arms down at the sides (many trauma and older scans): fat, muscle and a humerus each side."""
     u = rng.uniform
@@ -314,6 +385,8 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
             ys = np.broadcast_to(c.y[None, :, None], lumen.shape)[lumen]
             level = np.quantile(ys, u(0.5, 0.9))
             hu[lumen & (c.y[None, :, None] > level)] = -1000 + u(0, 100)
+    if rng.random() < 0.9:
+        _paint_colon(c, rng, organs, cavity, a, b, z_crest)
     c.label = TO_OURS[organs]
 
     _paint_ribs(c, rng, rho, a, fat, wall, bottom, atlas.z_left_kidney * scale[2])

@@ -5,6 +5,7 @@
     python train.py --data LIST.json     # a datalist: {"training": [{"image": ..., "label": ...}]}
     python train.py --stream 8 --phantom mixed --atlas FLARE22/labelsTr   # fresh phantoms every epoch
     python train.py --resume checkpoints/RUN
+    python train.py --init checkpoints/phantom_small.pt --data DIR   # fine-tune a trained model
     python train.py --deterministic      # bit-for-bit reproducible, also across a kill and --resume
     torchrun --standalone --nproc_per_node=4 train.py ...   # four GPUs (see distributed.py)
 
@@ -62,6 +63,7 @@ from utils import (
     configure_torch,
     dice_per_organ,
     load_checkpoint,
+    model_from_checkpoint,
     run_cli,
     save_checkpoint,
     sliding_window_inference,
@@ -99,6 +101,7 @@ class TrainConfig:
     stream: int = 0  # phantoms made fresh for every epoch, in memory on the training grid (0: train on --data)
     phantom: str = "procedural"  # generator of --stream: procedural, atlas or mixed (half each)
     atlas: str = ""  # folder of FLARE22 label maps whose organ shapes --phantom atlas deforms
+    init: str = ""  # checkpoint a new run starts from (fine-tuning): its weights, VNet and normalisation; new optimiser
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
     device: str = "auto"
     deterministic: bool = False  # deterministic algorithms only: same seed, same weights, even across --resume
@@ -163,6 +166,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "maps (atlas_phantom.py), or mixed: half each")
     p.add_argument("--atlas", default=d.atlas, help="folder of FLARE22 label maps (labelsTr/) for --phantom atlas "
                    "(default: none)")
+    p.add_argument("--init", default=d.init, help="checkpoint to fine-tune: a new run starts from its weights, VNet "
+                   "config, voxel size and intensity normalisation, with a fresh optimiser and schedule (default: "
+                   "random weights)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this many minutes, whole run (default: 13 on CPU with default settings, none on CUDA)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
@@ -392,6 +398,22 @@ def resume_state(path: Path) -> dict:
     return state
 
 
+def init_state(cfg: TrainConfig) -> dict:
+    """The checkpoint --init fine-tunes, its voxel size copied into cfg (a differing --spacing is an error)."""
+    ckpt = load_checkpoint(cfg.init)
+    prep = ckpt.get("preprocessing")
+    if not isinstance(prep, dict) or "spacing" not in prep or not isinstance(ckpt.get("model_config"), dict):
+        raise UserError(f"{cfg.init}: no preprocessing or model_config; --init needs a checkpoint written by train.py")
+    spacing = float(prep["spacing"][0])
+    if cfg.spacing and abs(cfg.spacing - spacing) > 1e-6:
+        raise UserError(f"--spacing {cfg.spacing:g} with --init {cfg.init}: the model was trained at {spacing:g} mm; "
+                        f"leave --spacing out to fine-tune at {spacing:g} mm")
+    cfg.spacing = spacing
+    if not cfg.preset:
+        cfg.preset = next((n for n, c in PRESETS.items() if c.to_dict() == ckpt["model_config"]), "custom")
+    return ckpt
+
+
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Temporary files of saves a kill interrupted (utils.atomic_write names them .NAME.*.tmp*)."""
     for p in run_dir.glob(".*.tmp*"):
@@ -545,6 +567,7 @@ def main(args: argparse.Namespace) -> dict:
         cfg.deterministic = cfg.deterministic or args.deterministic
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "max_minutes"})
+    init = init_state(cfg) if state is None and cfg.init else None
     d = distributed.setup(cfg.device)
     device = d.device
     if resume is not None:
@@ -568,7 +591,9 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"--patch {cfg.patch}: must be a multiple of 16 (the VNet halves it four times)")
     if cfg.batch_size < 1 or cfg.steps_per_epoch < 1 or cfg.epochs < 1:
         raise UserError("--batch-size, --steps-per-epoch and --epochs must be at least 1")
-    if cfg.batch_size * (cfg.patch // 16) ** 3 < 2 and PRESETS[cfg.preset].norm == "batch":
+    source = state or init  # weights to start from: the run to resume, or the model to fine-tune
+    norm = source["model_config"]["norm"] if source is not None else PRESETS[cfg.preset].norm
+    if cfg.batch_size * (cfg.patch // 16) ** 3 < 2 and norm == "batch":
         raise UserError(f"--patch {cfg.patch} with --batch-size {cfg.batch_size}: the VNet's deepest stage holds one "
                         f"voxel, and batch norm needs two values; use --batch-size 2 or a larger --patch")
     configure_torch(device)
@@ -592,8 +617,9 @@ def main(args: argparse.Namespace) -> dict:
             train_vols, val_vols, prep, label_map = load_volumes(data, cfg, report=d.main)
         else:  # rank 0 fills the cache, the others then map it
             train_vols, val_vols, prep, label_map = d.main_first(lambda: load_volumes(data, cfg, report=d.main))
-    if state is not None:
-        prep = Preprocessing.from_dict(state["preprocessing"])
+    if state is not None or init is not None:
+        # The weights learned on the normalisation they came with; a resumed or fine-tuned run keeps it.
+        prep = Preprocessing.from_dict((state or init)["preprocessing"])
     aug = AugmentConfig()
     patch = (cfg.patch,) * 3
 
@@ -613,7 +639,8 @@ def main(args: argparse.Namespace) -> dict:
 
     # Model, loss, optimiser, schedule
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on what ran before
-    model = to_training_layout(build_vnet(cfg.preset), device)
+    model = model_from_checkpoint(source, resume or cfg.init) if source is not None else build_vnet(cfg.preset)
+    model = to_training_layout(model.train(), device)
     net = model
     if d.enabled:
         net = wrap_ddp(model, device)

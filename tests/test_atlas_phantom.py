@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import REAL, needs_real
 
+import atlas_phantom
 import train
 from atlas_phantom import atlas_paths, load_atlas, make_atlas_phantom
 from phantom import make_phantom, phantom_volume
@@ -73,6 +74,29 @@ def test_stream_trains_on_fresh_phantoms_each_epoch(atlas_dir, tmp_path):
     stream = train.PhantomStream.__new__(train.PhantomStream)
     stream.cfg = train.TrainConfig(stream=3, seed=0)
     assert len(set(stream.seeds(0)) | set(stream.seeds(1))) == 6  # epochs never repeat a phantom
+
+
+def test_colon_lies_under_the_liver_and_never_over_organs(atlas_dir, monkeypatch):
+    atlases = [load_atlas(str(p)) for p in atlas_paths(atlas_dir)]
+    seen = {}
+    paint = atlas_phantom._paint_colon
+
+    def spy(c, rng, organs, *args):
+        before = c.hu.copy()
+        paint(c, rng, organs, *args)
+        seen.update(changed=before != c.hu, organs=organs.copy(), z=c.z)
+
+    monkeypatch.setattr(atlas_phantom, "_paint_colon", spy)
+    for seed in range(10):
+        make_atlas_phantom(seed, atlases, (4.0, 4.0, 4.0))
+        if seen and seen["changed"].sum() > 100:
+            break
+    changed, organs, z = seen["changed"], seen["organs"], seen["z"]
+    assert changed.sum() > 100 and not (changed & (organs > 0)).any()
+    liver = np.argwhere(organs == 1)
+    colon = np.argwhere(changed)
+    liver_side = np.sign(liver[:, 0].mean() - organs.shape[0] / 2) * (colon[:, 0] - organs.shape[0] / 2) > 0
+    assert (liver_side & (z[colon[:, 2]] < np.quantile(z[liver[:, 2]], 0.1))).any()
 
 
 @needs_real

@@ -58,6 +58,30 @@ def test_resume_continues_from_saved_epoch(tiny_dataset, tmp_path):
     assert summary["epochs_run"] == 3
 
 
+def test_init_fine_tunes_from_a_checkpoint(tiny_dataset, tmp_path):
+    run_train(["--data", str(tiny_dataset), "--epochs", "1", "--run", "base"], tmp_path)
+    base_path = tmp_path / "runs" / "base" / "best.pt"
+    base = torch.load(base_path, weights_only=True)
+    # lr ~0: the fine-tuned weights must still be the checkpoint's (batch-norm statistics aside).
+    run_train(["--data", str(tiny_dataset), "--epochs", "1", "--lr", "1e-12", "--warmup-epochs", "0",
+               "--init", str(base_path), "--run", "ft"], tmp_path)
+    ft = torch.load(tmp_path / "runs" / "ft" / "last.pt", weights_only=True)
+    for key, value in base["model"].items():
+        if "running" not in key and "num_batches" not in key:
+            assert torch.allclose(ft["model"][key], value, atol=1e-6), key
+    assert ft["preprocessing"] == base["preprocessing"] and ft["train_config"]["init"] == str(base_path)
+    assert ft["train_config"]["preset"] == "small"
+    summary = train.main(train.parse_args(["--resume", str(tmp_path / "runs" / "ft"), "--epochs", "2"]))
+    assert summary["epochs_run"] == 2
+    with pytest.raises(train.UserError, match="trained at 8 mm"):
+        train.main(train.parse_args(["--data", str(tiny_dataset), "--init", str(base_path), "--spacing", "4",
+                                     "--out", str(tmp_path / "runs"), "--run", "bad"]))
+    with pytest.raises(train.UserError, match="no such checkpoint"):
+        train.main(train.parse_args(["--data", str(tiny_dataset), "--init", str(tmp_path / "nope.pt"),
+                                     "--out", str(tmp_path / "runs"), "--run", "bad"]))
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
 def _cli(args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
