@@ -383,7 +383,9 @@ def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None, s
         c.paint(box, mask, tex, SPLEEN)
 
     # Kidneys, 0.12-0.2 L each: posterior beside the spine, upper pole medial and posterior,
-    # hilum facing anteromedially; cortex, medulla and sinus fat (the sinus is not kidney).
+    # hilum facing anteromedially; cortex, medulla and sinus fat (the sinus is not kidney), inside
+    # their perirenal fat (2-12 mm, -110 to -70 HU), which parts them from liver and spleen even where
+    # no contrast does (native kidneys measure 25-40 HU, within 30 HU of the liver).
     for side, label, zc in ((1, RIGHT_KIDNEY, z_kid_r), (-1, LEFT_KIDNEY, z_kid_l)):
         center = np.array([side * (vert_r + u(38, 52)), spine_y + u(-5, 15), zc])
         radii = np.array([u(22, 30), u(22, 28), u(48, 60)])
@@ -398,6 +400,11 @@ def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None, s
         if kid is None:
             continue
         box, r = kid
+        capsule = c.blob(center, radii + u(2, 12), rot, wobble=0.1)
+        if capsule is not None:
+            cbox, cr = capsule
+            m = (cr < 1) & cavity[cbox] & (c.hu[cbox] < 150) & (c.label[cbox] != RIGHT_KIDNEY + LEFT_KIDNEY - label)
+            c.paint(cbox, m, u(-110, -70), 0)
         hilum_dir = rot @ np.array([-side, 0.0, 0.0])
         sinus = c.blob(center + hilum_dir * radii[0] * 0.7, radii * np.array([0.45, 0.45, 0.5]), rot, wobble=0.1)
         mask = r < 1
