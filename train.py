@@ -81,7 +81,7 @@ class TrainConfig:
     label_map: str = "auto"  # source label map (dataset.LABEL_MAPS, or SRC:OURS pairs); auto: detected
     cache: str = ""  # preprocessing cache folder; "": $ABDOMEN_VNET_CACHE or ~/.cache/abdomen-vnet; "off": none
     preset: str = ""  # VNet preset; empty: "vnet" on CUDA, "small" on CPU
-    spacing: float = 0.0  # mm, isotropic training grid; 0: 1.5 on CUDA, 3.0 on CPU (4x fewer voxels)
+    spacing: float = 0.0  # mm, isotropic training grid; 0: 1.5 on CUDA, 5.0 on CPU (a 48^3 patch then spans 240 mm)
     patch: int = 0  # patch side in voxels (multiple of 16); 0: 128 on CUDA, 48 on CPU
     batch_size: int = 2
     epochs: int = 0  # 0: 100 on CUDA, 40 on CPU
@@ -112,7 +112,9 @@ class TrainConfig:
         c = TrainConfig(**asdict(self))
         c.preset = c.preset or ("vnet" if cuda else "small")
         c.patch = c.patch or (128 if cuda else 48)
-        c.spacing = c.spacing or (1.5 if cuda else 3.0)
+        # On a CPU the 13-minute budget allows ~1200 steps; at 5 mm a patch holds liver, kidneys, spleen and
+        # spine together, and the kidneys' sides are learnt within it (bench/RESULTS.md: 0.78 at 3 mm, 0.88 at 5).
+        c.spacing = c.spacing or (1.5 if cuda else 5.0)
         c.epochs = c.epochs or (100 if cuda else 40)
         c.steps_per_epoch = c.steps_per_epoch or (250 if cuda else 150)
         c.lr = c.lr or (2e-3 if c.optimizer == "adamw" else 1e-2)
@@ -139,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=d.cache, help="folder for preprocessed volumes, reused while settings and files "
                    "are unchanged ('': $ABDOMEN_VNET_CACHE or ~/.cache/abdomen-vnet; 'off': preprocess in memory)")
     p.add_argument("--preset", default=d.preset, choices=["", *PRESETS], help="VNet preset ('': vnet on CUDA, small on CPU)")
-    p.add_argument("--spacing", type=float, default=d.spacing, help="training voxel size, mm (0: 1.5 on CUDA, 3.0 on CPU)")
+    p.add_argument("--spacing", type=float, default=d.spacing, help="training voxel size, mm (0: 1.5 on CUDA, 5.0 on CPU)")
     p.add_argument("--patch", type=int, default=d.patch, help="patch side in voxels, multiple of 16 (0: 128 CUDA, 48 CPU)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (0: 100 on CUDA, 40 on CPU)")
