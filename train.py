@@ -411,8 +411,11 @@ def init_state(cfg: TrainConfig) -> dict:
         raise UserError(f"--spacing {cfg.spacing:g} with --init {cfg.init}: the model was trained at {spacing:g} mm; "
                         f"leave --spacing out to fine-tune at {spacing:g} mm")
     cfg.spacing = spacing
-    if not cfg.preset:
-        cfg.preset = next((n for n, c in PRESETS.items() if c.to_dict() == ckpt["model_config"]), "custom")
+    name = next((n for n, c in PRESETS.items() if c.to_dict() == ckpt["model_config"]), "custom")
+    if cfg.preset and cfg.preset != name:
+        raise UserError(f"--preset {cfg.preset} with --init {cfg.init}: that checkpoint holds a '{name}' VNet; "
+                        f"leave --preset out to fine-tune it")
+    cfg.preset = name
     return ckpt
 
 

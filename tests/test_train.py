@@ -76,6 +76,9 @@ def test_init_fine_tunes_from_a_checkpoint(tiny_dataset, tmp_path):
     with pytest.raises(train.UserError, match="trained at 8 mm"):
         train.main(train.parse_args(["--data", str(tiny_dataset), "--init", str(base_path), "--spacing", "4",
                                      "--out", str(tmp_path / "runs"), "--run", "bad"]))
+    with pytest.raises(train.UserError, match="holds a 'small' VNet"):
+        train.main(train.parse_args(["--data", str(tiny_dataset), "--init", str(base_path), "--preset", "vnet",
+                                     "--out", str(tmp_path / "runs"), "--run", "bad"]))
     with pytest.raises(train.UserError, match="no such checkpoint"):
         train.main(train.parse_args(["--data", str(tiny_dataset), "--init", str(tmp_path / "nope.pt"),
                                      "--out", str(tmp_path / "runs"), "--run", "bad"]))
