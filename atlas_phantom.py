@@ -197,21 +197,20 @@ def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: floa
     z_spleen = float(np.quantile(c.z[spleen[:, 2]], 0.1))
     hepatic = np.array([right * u(0.45, 0.65) * a, u(-0.1, 0.35) * b, z_liver - u(0, 25)])
     splenic = np.array([-right * u(0.5, 0.7) * a, u(-0.2, 0.2) * b, z_spleen + u(-20, 20)])
-    legs = [
-        (np.array([right * u(0.4, 0.6) * a, u(-0.1, 0.3) * b, z_crest - u(10, 60)]), hepatic, u(22, 35)),
-        (hepatic, np.array([u(-30, 30), u(0.35, 0.65) * b, min(z_liver, z_spleen) - u(10, 90)]), u(18, 30)),
-        (None, splenic, None),
-        (splenic, np.array([-right * u(0.5, 0.65) * a, u(-0.2, 0.1) * b, z_crest - u(0, 50)]), u(15, 25)),
-    ]
-    points, start = [], None
-    for p0, p1, r in legs:
-        if p0 is None:  # the transverse colon's second half ends at the splenic flexure
-            p0, p1, r = start, p1, points[-1][1]
+    cecum = np.array([right * u(0.4, 0.6) * a, u(-0.1, 0.3) * b, z_crest - u(10, 60)])
+    r_ascending = u(22, 35)
+    sag = np.array([u(-30, 30), u(0.35, 0.65) * b, min(z_liver, z_spleen) - u(10, 90)])  # transverse, mid
+    r_transverse = u(18, 30)
+    sigmoid = np.array([-right * u(0.5, 0.65) * a, u(-0.2, 0.1) * b, z_crest - u(0, 50)])
+    r_descending = u(15, 25)
+    waypoints = [cecum, hepatic, sag, splenic, sigmoid]
+    radii = [r_ascending, r_transverse, r_transverse, r_descending]
+    points = []
+    for p0, p1, r in zip(waypoints[:-1], waypoints[1:], radii):
         n = max(2, int(np.linalg.norm(p1 - p0) / (r / 3)))
         wander = np.cumsum(rng.normal(0, r / 8, (n, 3)), axis=0)
         wander -= np.linspace(0, 1, n)[:, None] * wander[-1]  # the ends stay put
         points += [(p0 + (p1 - p0) * t + w, r * u(0.85, 1.15)) for t, w in zip(np.linspace(0, 1, n), wander)]
-        start = p1
     return points
 
 
