@@ -403,7 +403,8 @@ def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None, s
         capsule = c.blob(center, radii + u(2, 12), rot, wobble=0.1)
         if capsule is not None:
             cbox, cr = capsule
-            m = (cr < 1) & cavity[cbox] & (c.hu[cbox] < 150) & (c.label[cbox] != RIGHT_KIDNEY + LEFT_KIDNEY - label)
+            other_kidney = LEFT_KIDNEY if label == RIGHT_KIDNEY else RIGHT_KIDNEY
+            m = (cr < 1) & cavity[cbox] & (c.hu[cbox] < 150) & (c.label[cbox] != other_kidney)
             c.paint(cbox, m, u(-110, -70), 0)
         hilum_dir = rot @ np.array([-side, 0.0, 0.0])
         sinus = c.blob(center + hilum_dir * radii[0] * 0.7, radii * np.array([0.45, 0.45, 0.5]), rot, wobble=0.1)

@@ -622,9 +622,9 @@ def main(args: argparse.Namespace) -> dict:
             train_vols, val_vols, prep, label_map = load_volumes(data, cfg, report=d.main)
         else:  # rank 0 fills the cache, the others then map it
             train_vols, val_vols, prep, label_map = d.main_first(lambda: load_volumes(data, cfg, report=d.main))
-    if state is not None or init is not None:
+    if source is not None:
         # The weights learned on the normalisation they came with; a resumed or fine-tuned run keeps it.
-        prep = Preprocessing.from_dict((state or init)["preprocessing"])
+        prep = Preprocessing.from_dict(source["preprocessing"])
     aug = AugmentConfig()
     patch = (cfg.patch,) * 3
 
@@ -666,8 +666,7 @@ def main(args: argparse.Namespace) -> dict:
 
     history: list[dict] = []
     best, best_epoch, start_epoch = -1.0, -1, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
+    if state is not None:  # the model already holds its weights (model_from_checkpoint)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if "scaler" in state:
