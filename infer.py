@@ -26,8 +26,9 @@ training patch enlarged to 160 voxels a side, for speed: fewer voxels computed t
 --sw-batch; out of GPU memory, fewer windows per call, then the sums kept on the CPU, with a
 warning), softmax probabilities resampled to the input grid and argmaxed slab by slab
 (memory bounded for any scan size), then the largest connected component of each organ
-(26-connectivity; --no-postprocess to keep all). --tta adds mirrored predictions (8 passes, or
---tta-axes), the kidney channels swapped back for left-right mirrors. Mixed precision on CUDA.
+(26-connectivity; --no-postprocess to keep all). --tta adds mirrored predictions over the axes the
+checkpoint was trained mirroring (or --tta-axes), the kidney channels swapped back for left-right
+mirrors; a checkpoint trained without mirroring (the shipped one) refuses --tta alone. Mixed precision on CUDA.
 
 Metrics (--label): per organ Dice, precision, recall, volumes (mL), volume difference, HD95 (mm)
 and normalised surface Dice at --tolerance mm, in physical spacing (metrics.py documents empty
@@ -121,8 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"multiples of 16 (default: the checkpoint's training patch, enlarged to {MIN_WINDOW} a side; "
                    f"never beyond the scan)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (default: off)")
-    p.add_argument("--tta-axes", default="012", help="canonical axes to mirror with --tta (0 left-right, "
-                   "1 anterior-posterior, 2 inferior-superior); all their combinations are run")
+    p.add_argument("--tta-axes", default="", help="canonical axes to mirror with --tta (0 left-right, "
+                   "1 anterior-posterior, 2 inferior-superior); all their combinations are run (default: the "
+                   "axes the checkpoint was trained mirroring)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help="keep every connected component (default: largest per organ)")
     p.add_argument("--no-png", dest="png", action="store_false", help="skip the quick-look PNG (default: written)")
@@ -325,6 +327,20 @@ def parse_window(text: str) -> tuple[int, int, int] | None:
     return tuple(sides)
 
 
+def trained_mirror_axes(ckpt: dict, checkpoint: Path | None = None) -> str:
+    """The canonical axes ("0" left-right, "1" anterior-posterior, "2" inferior-superior) the
+    checkpoint's training mirrored. With `checkpoint` named, none is a UserError: mirrored passes
+    only help a model that has seen mirrored anatomy (the shipped phantom model has not)."""
+    aug = ckpt.get("augmentation") or {}
+    enabled = aug.get("enabled", True)
+    axes = "".join(a for a, key in zip("012", ("flip_lr_prob", "flip_ap_prob", "flip_si_prob"))
+                   if enabled and float(aug.get(key, 0) or 0) > 0)
+    if not axes and checkpoint is not None:
+        raise UserError(f"--tta: {checkpoint} records no mirroring in its training, and mirrored passes make "
+                        f"such a model worse; drop --tta, or name axes with --tta-axes to run them anyway")
+    return axes
+
+
 def mirror_sets(axes: str) -> list[tuple[int, ...]]:
     """Every non-empty combination of the axes in `axes` ("012" -> 7 combinations)."""
     chosen = sorted({int(a) for a in axes if a in "012"})
@@ -350,7 +366,9 @@ class Segmenter:
     """A checkpoint's VNet and preprocessing, ready to segment scans."""
 
     def __init__(self, checkpoint: Path, device: torch.device, window: tuple[int, int, int] | None = None,
-                 overlap: float = 0.5, sw_batch: int = 2, tta_axes: str = "", amp: bool = True):
+                 overlap: float = 0.5, sw_batch: int = 2, tta_axes: str | None = None, amp: bool = True):
+        """tta_axes: None for no test-time augmentation, "" for the axes the checkpoint was trained
+        mirroring, or digits of canonical axes ("012")."""
         ckpt = load_checkpoint(checkpoint)
         self.model = model_from_checkpoint(ckpt, checkpoint)
         cfg = self.model.cfg
@@ -376,7 +394,11 @@ class Segmenter:
         self.sw_batch = sw_batch
         self.device = device
         self.stitch_on_cpu = False  # set by the out-of-memory fallback
-        self.mirrors = mirror_sets(tta_axes) if tta_axes else []
+        self.mirrors = [] if tta_axes is None else mirror_sets(tta_axes or trained_mirror_axes(ckpt, checkpoint))
+        untrained = sorted({a for m in self.mirrors for a in m} - set(map(int, trained_mirror_axes(ckpt))))
+        if untrained:
+            warn(f"--tta-axes {tta_axes}: {checkpoint} was not trained mirroring axis {untrained}; a model that "
+                 f"knows which way is up and which side is right gets worse from those passes")
         self.amp_dtype = None
         if amp and device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -601,7 +623,7 @@ def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // d.local_world))
     seg = Segmenter(Path(args.checkpoint) if args.checkpoint else d.on_main(find_checkpoint), device,
                     parse_window(args.window), args.overlap, args.sw_batch,
-                    args.tta_axes if args.tta else "", args.amp)
+                    args.tta_axes if args.tta else None, args.amp)
     cases[0].output.parent.mkdir(exist_ok=True)  # a batch's output folder, made once the model is ready
     if not args.quiet and d.main:
         mirrors = f", TTA {1 + len(seg.mirrors)} passes" if seg.mirrors else ""

@@ -196,6 +196,19 @@ def test_mirroring_tta_swaps_kidneys_back(ckpt):
     assert len(infer.mirror_sets("012")) == 7
 
 
+def test_tta_mirrors_only_the_axes_the_model_was_trained_mirroring(ckpt, tmp_path, capsys):
+    saved = torch.load(ckpt, weights_only=True)
+    saved["augmentation"] = {"flip_lr_prob": 0.5, "flip_ap_prob": 0.0, "flip_si_prob": 0.0}
+    torch.save(saved, tmp_path / "lr.pt")
+    assert infer.Segmenter(tmp_path / "lr.pt", torch.device("cpu"), tta_axes="").mirrors == [(0,)]
+    saved["augmentation"]["flip_lr_prob"] = 0.0
+    torch.save(saved, tmp_path / "none.pt")
+    with pytest.raises(infer.UserError, match="no mirroring in its training.*--tta-axes"):
+        infer.Segmenter(tmp_path / "none.pt", torch.device("cpu"), tta_axes="")
+    assert len(infer.Segmenter(tmp_path / "none.pt", torch.device("cpu"), tta_axes="01").mirrors) == 3
+    assert "not trained mirroring axis [0, 1]" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line
 
