@@ -28,7 +28,8 @@ warning), softmax probabilities resampled to the input grid and argmaxed slab by
 (memory bounded for any scan size), then the largest connected component of each organ
 (26-connectivity; --no-postprocess to keep all). --tta adds mirrored predictions over the axes the
 checkpoint was trained mirroring (or --tta-axes), the kidney channels swapped back for left-right
-mirrors; a checkpoint trained without mirroring (the shipped one) refuses --tta alone. Mixed precision on CUDA.
+mirrors; a checkpoint trained without mirroring (the shipped one) refuses --tta alone. Mixed
+precision on CUDA.
 
 Metrics (--label): per organ Dice, precision, recall, volumes (mL), volume difference, HD95 (mm)
 and normalised surface Dice at --tolerance mm, in physical spacing (metrics.py documents empty
@@ -327,18 +328,14 @@ def parse_window(text: str) -> tuple[int, int, int] | None:
     return tuple(sides)
 
 
-def trained_mirror_axes(ckpt: dict, checkpoint: Path | None = None) -> str:
+def trained_mirror_axes(ckpt: dict) -> str:
     """The canonical axes ("0" left-right, "1" anterior-posterior, "2" inferior-superior) the
-    checkpoint's training mirrored. With `checkpoint` named, none is a UserError: mirrored passes
-    only help a model that has seen mirrored anatomy (the shipped phantom model has not)."""
+    checkpoint's training mirrored, from its augmentation record ("" for none or no record)."""
     aug = ckpt.get("augmentation") or {}
-    enabled = aug.get("enabled", True)
-    axes = "".join(a for a, key in zip("012", ("flip_lr_prob", "flip_ap_prob", "flip_si_prob"))
-                   if enabled and float(aug.get(key, 0) or 0) > 0)
-    if not axes and checkpoint is not None:
-        raise UserError(f"--tta: {checkpoint} records no mirroring in its training, and mirrored passes make "
-                        f"such a model worse; drop --tta, or name axes with --tta-axes to run them anyway")
-    return axes
+    if not aug.get("enabled", True):
+        return ""
+    return "".join(a for a, key in zip("012", ("flip_lr_prob", "flip_ap_prob", "flip_si_prob"))
+                   if (aug.get(key) or 0) > 0)
 
 
 def mirror_sets(axes: str) -> list[tuple[int, ...]]:
@@ -394,8 +391,13 @@ class Segmenter:
         self.sw_batch = sw_batch
         self.device = device
         self.stitch_on_cpu = False  # set by the out-of-memory fallback
-        self.mirrors = [] if tta_axes is None else mirror_sets(tta_axes or trained_mirror_axes(ckpt, checkpoint))
-        untrained = sorted({a for m in self.mirrors for a in m} - set(map(int, trained_mirror_axes(ckpt))))
+        trained = trained_mirror_axes(ckpt)
+        if tta_axes == "" and not trained:
+            # Mirrored passes only help a model that has seen mirrored anatomy (the shipped one has not).
+            raise UserError(f"--tta: {checkpoint} records no mirroring in its training, and mirrored passes make "
+                            f"such a model worse; drop --tta, or name axes with --tta-axes to run them anyway")
+        self.mirrors = [] if tta_axes is None else mirror_sets(tta_axes or trained)
+        untrained = sorted({a for m in self.mirrors for a in m} - set(map(int, trained)))
         if untrained:
             warn(f"--tta-axes {tta_axes}: {checkpoint} was not trained mirroring axis {untrained}; a model that "
                  f"knows which way is up and which side is right gets worse from those passes")
