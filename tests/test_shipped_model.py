@@ -56,3 +56,28 @@ def test_shipped_model_on_real_ct(image, label, label_map, floor, tmp_path):
     (result,) = summary["cases"].values()
     dice = {organ: result["metrics"][organ]["dice"] for organ in floor}
     assert all(dice[o] >= floor[o] for o in floor), json.dumps(dice)
+
+
+@needs_real
+def test_shipped_model_on_thick_slice_ct(tmp_path):
+    """Clinical CTs often come in 5 mm slices: IRCAD's 1.6 mm slices averaged three at a time (4.8 mm,
+    LPS kept) score within 0.03 of the original grid (bench/RESULTS.md), and the mask lands on that grid."""
+    ct, ref = nib.load(REAL / "ircad_p1/image.nii.gz"), nib.load(REAL / "ircad_p1/label.nii.gz")
+    hu, label = np.asarray(ct.dataobj, dtype=np.float32), np.asarray(ref.dataobj)
+    n = hu.shape[2] // 3 * 3
+    thick = hu[:, :, :n].reshape(*hu.shape[:2], -1, 3).mean(3).round().astype(np.int16)
+    affine = ct.affine.copy()
+    affine[:3, 3] += affine[:3, 2]  # the centre of each three-slice group
+    affine[:3, 2] *= 3
+    nib.save(nib.Nifti1Image(thick, affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(label[:, :, 1:n:3], affine), tmp_path / "ref.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    summary = infer.main(infer.parse_args(["--input", str(tmp_path / "ct.nii.gz"), "--output", str(out),
+                                           "--checkpoint", str(SHIPPED), "--label", str(tmp_path / "ref.nii.gz"),
+                                           "--no-png", "--quiet", "--metrics", str(tmp_path / "m")]))
+    seg = nib.load(out)
+    assert seg.shape == thick.shape and np.allclose(seg.affine, affine)
+    (result,) = summary["cases"].values()
+    floor = {"liver": 0.88, "right_kidney": 0.77, "left_kidney": 0.84, "spleen": 0.86}
+    dice = {organ: result["metrics"][organ]["dice"] for organ in floor}
+    assert all(dice[o] >= floor[o] for o in floor), json.dumps(dice)
