@@ -18,6 +18,21 @@ FLOOR_IRCAD = {"liver": 0.88, "right_kidney": 0.79, "left_kidney": 0.83, "spleen
 FLOOR_TS = {"liver": 0.84, "right_kidney": 0.81, "left_kidney": 0.83, "spleen": 0.91}
 
 
+def segment_with_shipped(image, label, tmp_path, label_map="identity") -> dict:
+    """`python infer.py` with the shipped model on one scan and its reference; the case's metrics.
+    The mask is written to tmp_path/seg.nii.gz."""
+    summary = infer.main(infer.parse_args(["--input", str(image), "--output", str(tmp_path / "seg.nii.gz"),
+                                           "--checkpoint", str(SHIPPED), "--label", str(label), "--label-map",
+                                           label_map, "--no-png", "--quiet", "--metrics", str(tmp_path / "m")]))
+    (result,) = summary["cases"].values()
+    return result["metrics"]
+
+
+def assert_dice_floors(metrics: dict, floor: dict) -> None:
+    dice = {organ: metrics[organ]["dice"] for organ in floor}
+    assert all(dice[o] >= floor[o] for o in floor), json.dumps(dice)
+
+
 def test_shipped_model_is_small_and_loads_safely():
     assert SHIPPED.is_file() and SHIPPED.stat().st_size <= 20 * 2**20
     ckpt = torch.load(SHIPPED, map_location="cpu", weights_only=True)
@@ -31,14 +46,10 @@ def test_shipped_model_segments_a_phantom(tmp_path):
     hu, label, affine = make_phantom(21, spacing=(2.5, 2.5, 4.0))
     nib.save(nib.Nifti1Image(hu, affine), tmp_path / "ct.nii.gz")
     nib.save(nib.Nifti1Image(label, affine), tmp_path / "ref.nii.gz")
-    out = tmp_path / "seg.nii.gz"
-    summary = infer.main(infer.parse_args(["--input", str(tmp_path / "ct.nii.gz"), "--output", str(out),
-                                           "--checkpoint", str(SHIPPED), "--label", str(tmp_path / "ref.nii.gz"),
-                                           "--no-png", "--quiet"]))
-    seg = nib.load(out)
+    metrics = segment_with_shipped(tmp_path / "ct.nii.gz", tmp_path / "ref.nii.gz", tmp_path)
+    seg = nib.load(tmp_path / "seg.nii.gz")
     assert seg.shape == hu.shape and np.allclose(seg.affine, affine)
-    (result,) = summary["cases"].values()
-    assert result["metrics"]["liver"]["dice"] > 0.8
+    assert metrics["liver"]["dice"] > 0.8
 
 
 @needs_real
@@ -49,13 +60,7 @@ def test_shipped_model_segments_a_phantom(tmp_path):
 def test_shipped_model_on_real_ct(image, label, label_map, floor, tmp_path):
     """Guards the figures in bench/RESULTS.md (a few points below them) against regressions in the
     inference path: these two scans were never used for training."""
-    out = tmp_path / "seg.nii.gz"
-    summary = infer.main(infer.parse_args(["--input", str(REAL / image), "--output", str(out), "--checkpoint",
-                                           str(SHIPPED), "--label", str(REAL / label), "--label-map", label_map,
-                                           "--no-png", "--quiet", "--metrics", str(tmp_path / "m")]))
-    (result,) = summary["cases"].values()
-    dice = {organ: result["metrics"][organ]["dice"] for organ in floor}
-    assert all(dice[o] >= floor[o] for o in floor), json.dumps(dice)
+    assert_dice_floors(segment_with_shipped(REAL / image, REAL / label, tmp_path, label_map), floor)
 
 
 @needs_real
@@ -71,13 +76,7 @@ def test_shipped_model_on_thick_slice_ct(tmp_path):
     affine[:3, 2] *= 3
     nib.save(nib.Nifti1Image(thick, affine), tmp_path / "ct.nii.gz")
     nib.save(nib.Nifti1Image(label[:, :, 1:n:3], affine), tmp_path / "ref.nii.gz")
-    out = tmp_path / "seg.nii.gz"
-    summary = infer.main(infer.parse_args(["--input", str(tmp_path / "ct.nii.gz"), "--output", str(out),
-                                           "--checkpoint", str(SHIPPED), "--label", str(tmp_path / "ref.nii.gz"),
-                                           "--no-png", "--quiet", "--metrics", str(tmp_path / "m")]))
-    seg = nib.load(out)
+    metrics = segment_with_shipped(tmp_path / "ct.nii.gz", tmp_path / "ref.nii.gz", tmp_path)
+    seg = nib.load(tmp_path / "seg.nii.gz")
     assert seg.shape == thick.shape and np.allclose(seg.affine, affine)
-    (result,) = summary["cases"].values()
-    floor = {"liver": 0.88, "right_kidney": 0.77, "left_kidney": 0.84, "spleen": 0.86}
-    dice = {organ: result["metrics"][organ]["dice"] for organ in floor}
-    assert all(dice[o] >= floor[o] for o in floor), json.dumps(dice)
+    assert_dice_floors(metrics, {"liver": 0.88, "right_kidney": 0.77, "left_kidney": 0.84, "spleen": 0.86})
