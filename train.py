@@ -19,6 +19,7 @@ would have reached.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import inspect
 import json
@@ -102,6 +103,7 @@ class TrainConfig:
     phantom: str = "procedural"  # generator of --stream: procedural, atlas or mixed (half each)
     atlas: str = ""  # folder of FLARE22 label maps whose organ shapes --phantom atlas deforms
     init: str = ""  # checkpoint a new run starts from (fine-tuning): its weights, VNet and normalisation; new optimiser
+    ema: float = 0.0  # decay of a per-step moving average of the weights that validation and checkpoints hold (0: off)
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
     device: str = "auto"
     deterministic: bool = False  # deterministic algorithms only: same seed, same weights, even across --resume
@@ -171,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default=d.init, help="checkpoint to fine-tune: a new run starts from its weights, VNet "
                    "config, voxel size and intensity normalisation, with a fresh optimiser and schedule (default: "
                    "random weights)")
+    p.add_argument("--ema", type=float, default=d.ema, help="keep an exponential moving average of the weights with this "
+                   "decay per step (0.999 spans ~1000 steps); validation, best.pt and last.pt then hold the average "
+                   "(default 0: off, the final weights)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this many minutes, whole run (default: 13 on CPU with default settings, none on CUDA)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
@@ -394,6 +399,8 @@ def resume_state(path: Path) -> dict:
     """The checkpoint to continue from: a full one (last.pt) with optimiser and scheduler."""
     state = load_checkpoint(path)
     missing = [k for k in ("optimizer", "scheduler", "train_config", "history", "epoch") if k not in state]
+    if isinstance(state.get("train_config"), dict) and state["train_config"].get("ema") and "train_weights" not in state:
+        missing.append("train_weights")
     if missing:
         raise UserError(f"{path}: holds no {', '.join(missing)} (a best.pt or a shipped model); resume from the run "
                         f"folder or its last.pt")
@@ -437,11 +444,33 @@ def repair_run_dir(run_dir: Path, state: dict, history: list[dict]) -> None:
         except UserError:
             stale = True
         if stale:
-            resume_only = ("optimizer", "scheduler", "scaler", "threads")
+            resume_only = ("optimizer", "scheduler", "scaler", "threads", "train_weights", "ema_updates")
             save_checkpoint({k: v for k, v in state.items() if k not in resume_only}, best_path)
     if history:
         write_csv(history, run_dir / "metrics.csv")
         plot_curves(history, run_dir / "curves.png")
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics, updated after every
+    optimiser step (Polyak averaging, as timm's ModelEmaV2). A run's final weights depend on the last few
+    dozen patches it saw; the average spans ~1 / (1 - decay) steps. The decay ramps up as (1 + n) / (10 + n)
+    over the first updates, so the average soon leaves the starting weights behind."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0):
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+        self.decay, self.updates = decay, updates
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        weight = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, new in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(new, weight)
+            else:  # BatchNorm's batch counter
+                avg.copy_(new)
 
 
 def make_deterministic() -> None:
@@ -596,6 +625,8 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"--patch {cfg.patch}: must be a multiple of 16 (the VNet halves it four times)")
     if cfg.batch_size < 1 or cfg.steps_per_epoch < 1 or cfg.epochs < 1:
         raise UserError("--batch-size, --steps-per-epoch and --epochs must be at least 1")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise UserError(f"--ema {cfg.ema:g}: the decay must lie in [0, 1), e.g. 0.999 (0: off)")
     source = state or init  # weights to start from: the run to resume, or the model to fine-tune
     norm = source["model_config"]["norm"] if source is not None else PRESETS[cfg.preset].norm
     if cfg.batch_size * (cfg.patch // 16) ** 3 < 2 and norm == "batch":
@@ -659,6 +690,11 @@ def main(args: argparse.Namespace) -> dict:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay,
                               fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    # A resumed run's "model" is the average; the weights it was training continue from "train_weights".
+    ema = WeightAverage(model, cfg.ema, state.get("ema_updates", 0) if state else 0) if cfg.ema else None
+    if ema is not None and state is not None:
+        model.load_state_dict(state["train_weights"])
+    kept = ema.model if ema is not None else model  # the weights validation scores and checkpoints hold
     amp_dtype = None
     if cfg.amp:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -692,7 +728,7 @@ def main(args: argparse.Namespace) -> dict:
     def checkpoint(epoch: int, metrics: dict, full: bool) -> dict:
         ckpt = {
             "format": CHECKPOINT_FORMAT,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": {k: v.detach().cpu() for k, v in kept.state_dict().items()},
             "model_config": model.cfg.to_dict(),
             "preprocessing": prep.to_dict(),
             "labels": {str(k): v for k, v in LABELS.items()},
@@ -711,6 +747,9 @@ def main(args: argparse.Namespace) -> dict:
             ckpt["scheduler"] = sched.state_dict()
             ckpt["scaler"] = scaler.state_dict()
             ckpt["threads"] = torch.get_num_threads()
+            if ema is not None:
+                ckpt["train_weights"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                ckpt["ema_updates"] = ema.updates
         return ckpt
 
     if state is not None and d.main:
@@ -750,11 +789,15 @@ def main(args: argparse.Namespace) -> dict:
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             losses.append(mean_loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if d.enabled:
             average_buffers(model, d)
-        metrics = validate_ranks(model, val_vols, prep, cfg, device, amp_dtype, d)
+            if ema is not None:
+                average_buffers(ema.model, d)
+        metrics = validate_ranks(kept, val_vols, prep, cfg, device, amp_dtype, d)
         row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
                **{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(time.time() - t0, 1)}
         history.append(row)

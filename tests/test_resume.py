@@ -1,6 +1,6 @@
 """Crash safety of train.py: a run killed by SIGKILL mid-epoch or mid-save continues with --resume
 from its last complete checkpoint and, with --deterministic, ends with exactly the weights, optimiser
-state and history of an uninterrupted run with the same seed."""
+state, weight average (--ema) and history of an uninterrupted run with the same seed."""
 
 import signal
 import subprocess
@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 
 ARGS = ["--spacing", "8", "--patch", "16", "--batch-size", "2", "--steps-per-epoch", "3", "--epochs", "3",
-        "--workers", "0", "--device", "cpu", "--deterministic", "--label-map", "identity", "--seed", "5"]
+        "--workers", "0", "--device", "cpu", "--deterministic", "--label-map", "identity", "--seed", "5", "--ema", "0.9"]
 
 # train.py's CLI in a child process that SIGKILLs itself at a chosen moment: after optimiser step N
 # ("step N"), or while saving the Nth copy of last.pt or best.pt ("last.pt N", "best.pt N"): once the
@@ -121,7 +121,8 @@ def test_killed_run_resumes_to_the_same_weights(reference, tiny_dataset, tmp_pat
         assert ours["epoch"] == ref["epoch"] and ours["best_epoch"] == ref["best_epoch"], name
         assert_same_tensors(ours["model"], ref["model"], f"{name} model")
         assert without_seconds(ours["history"]) == without_seconds(ref["history"]), name
-    assert_same_tensors(load(run / "last.pt")["optimizer"], load(reference / "last.pt")["optimizer"], "optimizer")
+    for key in ("optimizer", "train_weights", "ema_updates"):  # --ema: the average and the weights it follows
+        assert_same_tensors(load(run / "last.pt")[key], load(reference / "last.pt")[key], key)
     assert (run / "metrics.csv").read_text().count("\n") == 4  # header + 3 epochs
     assert (run / "metrics.json").exists() and (run / "curves.png").exists()
     assert not list(run.glob(".*.tmp*"))

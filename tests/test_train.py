@@ -122,3 +122,19 @@ def test_bad_data_is_one_line_exit_1(case, tmp_path, tiny_dataset):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert str(data) in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_ema_checkpoints_hold_the_weight_average(tiny_dataset, tmp_path):
+    run_train(["--data", str(tiny_dataset), "--epochs", "2", "--ema", "0.9", "--run", "ema"], tmp_path)
+    last = torch.load(tmp_path / "runs" / "ema" / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "runs" / "ema" / "best.pt", weights_only=True)
+    assert last["ema_updates"] == 4 and "train_weights" not in best
+    key = next(k for k in last["model"] if k.endswith("weight"))
+    assert not torch.equal(last["model"][key], last["train_weights"][key])
+    # The average is what inference loads: a checkpoint with it is a plain model checkpoint.
+    assert set(last["model"]) == set(last["train_weights"])
+
+
+def test_ema_decay_out_of_range_is_refused(tiny_dataset, tmp_path):
+    with pytest.raises(train.UserError, match="--ema 1"):
+        run_train(["--data", str(tiny_dataset), "--epochs", "1", "--ema", "1", "--run", "bad"], tmp_path)
