@@ -453,9 +453,11 @@ def repair_run_dir(run_dir: Path, state: dict, history: list[dict]) -> None:
 
 class WeightAverage:
     """An exponential moving average of a model's weights and BatchNorm statistics, updated after every
-    optimiser step (Polyak averaging, as timm's ModelEmaV2). A run's final weights depend on the last few
-    dozen patches it saw; the average spans ~1 / (1 - decay) steps. The decay ramps up as (1 + n) / (10 + n)
-    over the first updates, so the average soon leaves the starting weights behind."""
+    optimiser step (Polyak averaging). A run's final weights depend on the last few dozen patches it saw;
+    the average spans ~1 / (1 - decay) steps. Bias-corrected as Adam's moments are: step n enters with
+    weight (1 - decay) / (1 - decay^n), so the starting weights count for nothing and a run shorter than
+    the span is averaged over all its steps.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0):
         self.model = copy.deepcopy(model)
@@ -465,7 +467,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
-        weight = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        weight = (1.0 - self.decay) / (1.0 - self.decay ** self.updates)
         for avg, new in zip(self.model.state_dict().values(), model.state_dict().values()):
             if avg.dtype.is_floating_point:
                 avg.lerp_(new, weight)

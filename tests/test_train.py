@@ -138,3 +138,16 @@ def test_ema_checkpoints_hold_the_weight_average(tiny_dataset, tmp_path):
 def test_ema_decay_out_of_range_is_refused(tiny_dataset, tmp_path):
     with pytest.raises(train.UserError, match="--ema 1"):
         run_train(["--data", str(tiny_dataset), "--epochs", "1", "--ema", "1", "--run", "bad"], tmp_path)
+
+
+def test_weight_average_is_bias_corrected():
+    # Weights 1, 2, 3 at decay 0.5: the exponentially weighted means 1, (0.5 + 2) / 1.5, (0.5 + 2 + 6) / 3.5.
+    model = torch.nn.Linear(2, 1)
+    average = train.WeightAverage(model, 0.5)
+    seen = []
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            model.bias.fill_(value)
+        average.update(model)
+        seen.append(average.model.bias.item())
+    assert seen == pytest.approx([1.0, 2.5 / 1.5, 8.5 / 3.5])
