@@ -456,7 +456,8 @@ class WeightAverage:
     optimiser step (Polyak averaging). A run's final weights depend on the last few dozen patches it saw;
     the average spans ~1 / (1 - decay) steps. Bias-corrected as Adam's moments are: step n enters with
     weight (1 - decay) / (1 - decay^n), so the starting weights count for nothing and a run shorter than
-    the span is averaged over all its steps.
+    the span is averaged over all its steps. Not torch's AveragedModel: it has no such correction, and its
+    state_dict (a "module." prefix, an n_averaged buffer) is not a plain VNet's, which checkpoints must hold.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0):
