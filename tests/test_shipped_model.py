@@ -14,8 +14,8 @@ from utils import LABELS
 
 SHIPPED = ROOT / "checkpoints" / "phantom_small.pt"
 # Dice measured in bench/RESULTS.md (issue 6) less 0.03: a floor against regressions, not the target.
-FLOOR_IRCAD = {"liver": 0.88, "right_kidney": 0.79, "left_kidney": 0.83, "spleen": 0.87}
-FLOOR_TS = {"liver": 0.84, "right_kidney": 0.81, "left_kidney": 0.83, "spleen": 0.91}
+FLOOR_IRCAD = {"liver": 0.89, "right_kidney": 0.82, "left_kidney": 0.83, "spleen": 0.87}
+FLOOR_TS = {"liver": 0.88, "right_kidney": 0.85, "left_kidney": 0.83, "spleen": 0.91}
 
 
 def segment_with_shipped(image, label, tmp_path, label_map="identity") -> dict:
@@ -66,7 +66,7 @@ def test_shipped_model_on_real_ct(image, label, label_map, floor, tmp_path):
 @needs_real
 def test_shipped_model_on_thick_slice_ct(tmp_path):
     """Clinical CTs often come in 5 mm slices: IRCAD's 1.6 mm slices averaged three at a time (4.8 mm,
-    LPS kept) score within 0.03 of the original grid (bench/RESULTS.md), and the mask lands on that grid."""
+    LPS kept) score within 0.035 of the original grid (bench/RESULTS.md), and the mask lands on that grid."""
     ct, ref = nib.load(REAL / "ircad_p1/image.nii.gz"), nib.load(REAL / "ircad_p1/label.nii.gz")
     hu, label = np.asarray(ct.dataobj, dtype=np.float32), np.asarray(ref.dataobj)
     n = hu.shape[2] // 3 * 3
@@ -79,4 +79,4 @@ def test_shipped_model_on_thick_slice_ct(tmp_path):
     metrics = segment_with_shipped(tmp_path / "ct.nii.gz", tmp_path / "ref.nii.gz", tmp_path)
     seg = nib.load(tmp_path / "seg.nii.gz")
     assert seg.shape == thick.shape and np.allclose(seg.affine, affine)
-    assert_dice_floors(metrics, {"liver": 0.88, "right_kidney": 0.77, "left_kidney": 0.84, "spleen": 0.86})
+    assert_dice_floors(metrics, {"liver": 0.89, "right_kidney": 0.78, "left_kidney": 0.83, "spleen": 0.86})
