@@ -572,7 +572,7 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
     save_nifti(case.output, labels, affine, header=header)
     timer.lap("write")
     if case.png is not None:
-        from quicklook import save_quicklook
+        from visualize import save_quicklook
 
         save_quicklook(case.png, hu, labels, affine, title=f"{case.name}  ({describe(hu, affine)})")
         timer.lap("png")

@@ -490,22 +490,3 @@ def write_dataset(out_dir: Path, n_cases: int, seed: int = 0, workers: int = 1, 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def phantom_volume(seed: int, kind: str, spacing: float, clip: tuple[float, float], atlas: str = ""):
-    """One phantom made directly on a training grid (isotropic spacing, mm, RAS), clipped to clip
-    (HU) and cropped to the body, as a dataset.Volume: what train.py --stream trains on, with no
-    files written. kind: "procedural" (make_phantom), "atlas" (atlas_phantom: organ shapes from the
-    FLARE22 label maps in the folder atlas) or "mixed" (even seeds procedural, odd ones atlas).
-    Each gets a slice profile of 0.5-5 mm, as the scans it stands for had before resampling."""
-    from dataset import body_volume
-
-    slice_mm = float(np.random.default_rng([seed, 1]).uniform(0.5, 5.0))
-    if kind == "atlas" or (kind == "mixed" and seed % 2):
-        from atlas_phantom import atlas_paths, load_atlas, make_atlas_phantom
-
-        atlases = [load_atlas(str(p)) for p in atlas_paths(atlas)]
-        hu, label, affine = make_atlas_phantom(seed, atlases, (spacing,) * 3, slice_mm)
-    else:
-        hu, label, affine = make_phantom(seed, (spacing,) * 3, slice_mm)
-    return body_volume(f"phantom_{seed}", np.clip(hu.astype(np.float32), *clip), label, affine, clip)

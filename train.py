@@ -37,22 +37,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import distributed
+from atlas_phantom import phantom_volume
 from dataset import (
     LABEL_MAP_HELP,
     LAYOUTS_HELP,
     AugmentConfig,
     PatchDataset,
     Volume,
+    augment_batch,
     case_label_maps,
+    collate_crops,
     default_cache_dir,
     discover,
     intensity_stats,
     locate_datasets,
     prepare_volumes,
 )
-from gpu_augment import augment_batch, collate_crops
 from losses import DiceCELoss
-from phantom import phantom_volume
 from utils import (
     CHECKPOINT_FORMAT,
     LABELS,

@@ -186,9 +186,8 @@ def time_models(contenders: list[Contender], shape: tuple[int, ...], amp: torch.
 
 def time_loader(args: argparse.Namespace, device: torch.device) -> dict:
     """Seconds for PatchDataset to make one batch in one process (per-patch path and deferred
-    path), and for gpu_augment.augment_batch to finish a deferred batch on device."""
-    from dataset import AugmentConfig, PatchDataset, Volume, intensity_stats
-    from gpu_augment import augment_batch, collate_crops
+    path), and for dataset.augment_batch to finish a deferred batch on device."""
+    from dataset import AugmentConfig, PatchDataset, Volume, augment_batch, collate_crops, intensity_stats
     from phantom import make_phantom
     from utils import Preprocessing
 

@@ -8,8 +8,8 @@ from conftest import REAL, needs_real
 
 import atlas_phantom
 import train
-from atlas_phantom import atlas_paths, load_atlas, make_atlas_phantom
-from phantom import make_phantom, phantom_volume
+from atlas_phantom import atlas_paths, load_atlas, make_atlas_phantom, phantom_volume
+from phantom import make_phantom
 from utils import UserError
 
 FLARE_OF_OURS = np.array([0, 1, 2, 13, 3], dtype=np.uint8)  # ours -> FLARE22: liver, R kidney, L kidney, spleen

@@ -4,8 +4,7 @@ run on the CPU, against PatchDataset's per-patch path: the same patches up to fl
 import numpy as np
 import torch
 
-from dataset import AugmentConfig, PatchDataset, Volume
-from gpu_augment import augment_batch, collate_crops
+from dataset import AugmentConfig, PatchDataset, Volume, augment_batch, collate_crops
 from phantom import make_phantom
 from utils import Preprocessing
 
