@@ -234,38 +234,97 @@ def _name_tokens(name: str) -> list[str]:
     return re.findall(r"[a-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", str(name)).lower())
 
 
+_RIGHT, _LEFT = {"right", "r", "rt"}, {"left", "l", "lt"}
+# A kidney word with the side written into it: rkid, LKidney, kidneyr, rightkidney, renal.
+_KIDNEY_WORD = re.compile(r"(right|left|rt|lt|r|l)?(kidneys?|kid|renal|ren)(right|left|rt|lt|r|l)?")
+_LESION_WORDS = {"tumor", "tumour", "tumors", "tumours", "cancer", "lesion", "lesions", "metastasis", "metastases",
+                 "cyst", "cysts", "mass", "masses", "nodule", "nodules", "carcinoma", "hcc"}
+_VESSEL_WORDS = {"vein", "veins", "artery", "arteries", "vessel", "vessels"}
+_FILLER_WORDS = {"the", "of", "and", "with", "in"}
+
+
+def _kidney_side(value: int, name: str, tokens: list[str], where: str) -> int | None:
+    """2 (right) or 3 (left) when the name is a kidney (or a kidney lesion), None when it is no
+    kidney; a UserError when it looks like one ('kid', 'ren') but names no side, or both."""
+    sides, kidney = set(), False
+    for token in tokens:
+        m = _KIDNEY_WORD.fullmatch(token)
+        if m:
+            kidney = True
+            for part in (m.group(1), m.group(3)):
+                if part:
+                    sides.add(2 if part in _RIGHT else 3)
+        elif "kid" in token or token.startswith("ren"):
+            kidney = True  # a spelling we cannot read: refused below unless a side word places it
+        elif token in _RIGHT:
+            sides.add(2)
+        elif token in _LEFT:
+            sides.add(3)
+    if not kidney or set(tokens) & _VESSEL_WORDS:  # renal vein, renal artery: vessels, not the kidney
+        return None
+    if len(sides) != 1:
+        raise UserError(f"{where}: label {value} {name!r} looks like a kidney but does not say which kidney; "
+                        f"pass --label-map with SRC:OURS pairs (2 right kidney, 3 left kidney)")
+    return sides.pop()
+
+
 def map_from_label_names(names: dict[int, str], where: str) -> str | None:
     """The label map that a dataset.json's label names describe ({value: name}): a LABEL_MAPS name
-    when one matches exactly, else SRC:OURS pairs; None when no name is one of our organs. A name
-    that cannot be placed (a kidney without a side, a tumour of an unnamed organ) raises a UserError."""
+    when one matches exactly, else SRC:OURS pairs; None when no name is one of our organs.
+
+    Kidneys are read in the common spellings (right kidney, kidney_R, RKidney, rkid, left renal).
+    A lesion joins the organ of ours its name says (liver tumour -> liver); a lesion of another
+    organ is background; a lesion naming no organ joins the liver only in a liver-only dataset.
+    A UserError, suggesting --label-map, for a name that cannot be placed (a kidney without a side,
+    a lesion of an unnamed organ, nnU-Net's "ignore" label) and for a dataset that names several
+    organs but not all of ours: an organ of ours under a name not read here would train as background."""
     ours: dict[int, int] = {}
+    organs: dict[int, str] = {}  # every organ named (not background, not a lesion)
     lesions = []
     for value, name in sorted(names.items()):
         tokens = _name_tokens(name)
         words = set(tokens)
-        if "kidney" in words or "kidneys" in words:
-            right, left = bool(words & {"right", "r"}), bool(words & {"left", "l"})
-            if right == left:
-                raise UserError(f"{where}: label {value} {name!r} does not say which kidney; "
-                                f"pass --label-map with SRC:OURS pairs (2 right kidney, 3 left kidney)")
-            ours[value] = 2 if right else 3
+        if value == 0 or tokens == ["background"]:
+            ours[value] = 0
+            continue
+        if tokens == ["ignore"]:
+            raise UserError(f"{where}: label {value} {name!r} is nnU-Net's ignore label (voxels left unannotated); "
+                            f"training needs fully annotated labels: drop or complete those cases, or pass "
+                            f"--label-map with SRC:OURS pairs if these voxels really are background")
+        kidney = _kidney_side(value, name, tokens, where)
+        if kidney is not None:
+            ours[value] = kidney
         elif "liver" in words:
             ours[value] = 1
         elif "spleen" in words:
             ours[value] = 4
-        elif words & {"tumor", "tumour", "cancer", "lesion", "lesions", "metastasis"}:
-            lesions.append((value, name))
+        elif words & _LESION_WORDS:
+            if words - _LESION_WORDS - _FILLER_WORDS:
+                ours[value] = 0  # a lesion of an organ not ours (pancreas tumour)
+            else:
+                lesions.append((value, name))
+            continue
         else:
             ours[value] = 0
+        if not words & _LESION_WORDS:
+            organs[value] = name
     if lesions:
-        organs = {v for v in ours.values() if v}
-        if organs != {1}:
+        if set(ours[v] for v in organs) != {1}:
             value, name = lesions[0]
             raise UserError(f"{where}: label {value} {name!r} does not name its organ; pass --label-map with "
                             f"SRC:OURS pairs")
         ours.update({value: 1 for value, _ in lesions})  # a liver dataset's tumours lie inside the liver
-    if not any(ours.values()):
+    found = {ours[v] for v in organs} - {0}
+    if not found:
         return None
+    missing = sorted(set(LABELS) - {0} - found)
+    if missing and len(organs) > 1:
+        unread = [f"{v} {organs[v]!r}" for v in organs if not ours[v]]
+        raise UserError(f"{where}: the label names give {', '.join(LABELS[c] for c in sorted(found))} but no "
+                        f"{', '.join(LABELS[c] for c in missing)}"
+                        + (f" (unread names: {', '.join(unread[:6])}{', ...' if len(unread) > 6 else ''})" if unread else "")
+                        + "; they would train as background: pass --label-map with SRC:OURS pairs, "
+                          "e.g. '6:1,2:2,3:3,1:4,4-5:0,7-13:0'")
     values = set(ours) | {0}
     for key, mapping in LABEL_MAPS.items():
         if {s: d for s, d in mapping.items() if d} == {s: d for s, d in ours.items() if d} and \
@@ -437,7 +496,9 @@ def _pair_folder(images_dir: Path, labels_dir: Path, strict: bool, problems: lis
     cases, used = [], set()
     for image in images:
         stem = _nifti_stem(image)
-        channel = re.fullmatch(r"(.+)_(\d{4})", stem)
+        # MSD-style names numbered from _0000 (spleen_0000, spleen_0001 with labels of the same
+        # names) are cases, not channels: a label of the full stem says so.
+        channel = None if stem in labels else re.fullmatch(r"(.+)_(\d{4})", stem)
         if channel and channel.group(2) != "0000" and f"{channel.group(1)}_0000" in stems:
             problem(f"{image}: a second image channel of case {channel.group(1)}; CT takes one channel per case: "
                     f"move the other channels out")

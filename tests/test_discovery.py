@@ -160,6 +160,78 @@ def test_nnunet_v2_label_names(tmp_path):
         discover(tmp_path)
 
 
+# MONAI's BTCV datalist (dataset_0.json) names the kidneys rkid and lkid.
+MONAI_BTCV_NAMES = {0: "background", 1: "spleen", 2: "rkid", 3: "lkid", 4: "gall", 5: "eso", 6: "liver", 7: "sto",
+                    8: "aorta", 9: "IVC", 10: "veins", 11: "pancreas", 12: "rad", 13: "lad"}
+
+
+@pytest.mark.parametrize("right,left", [("rkid", "lkid"), ("RKidney", "LKidney"), ("right renal", "left renal"),
+                                        ("kidney_r", "kidney_l"), ("R_kidney", "L_kidney"), ("KidneyRight", "KidneyLeft"),
+                                        ("Kidney (R)", "Kidney (L)"), ("rt kidney", "lt kidney")])
+def test_kidney_short_forms_are_read(right, left):
+    names = {0: "background", 1: "spleen", 2: right, 3: left, 6: "liver", 7: "right adrenal gland",
+             8: "left renal vein"}
+    assert parse_label_map(dataset.map_from_label_names(names, "d.json")).mapping == {1: 4, 2: 2, 3: 3, 6: 1}
+
+
+def test_monai_btcv_names_are_the_btcv_map(tmp_path, capsys):
+    assert dataset.map_from_label_names(MONAI_BTCV_NAMES, "d.json") == "btcv"
+    write_pair(tmp_path / "imagesTr" / "img0001.nii.gz", tmp_path / "labelsTr" / "img0001.nii.gz", BTCV)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {str(k): v for k, v in MONAI_BTCV_NAMES.items()}}))
+    run_cli(dataset.main, dataset.parse_args(["--check", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert "label map btcv (from label names in dataset.json)" in out
+    assert "liver 0.8 mL, right_kidney 0.2 mL, left_kidney 0.2 mL, spleen 0.5 mL" in out
+
+
+@pytest.mark.parametrize("names,message", [
+    ({1: "liver", 2: "renal", 3: "spleen"}, r"label 2 'renal' looks like a kidney but does not say which"),
+    ({1: "liver", 2: "kidneys", 3: "spleen"}, "label 2 'kidneys' looks like a kidney"),
+    ({1: "liver", 2: "kid_rl", 3: "spleen"}, "label 2 'kid_rl' looks like a kidney"),
+    ({1: "liver", 2: "right kidney", 3: "left kidney", 4: "kidney tumor"}, "label 4 'kidney tumor' looks like a kidney"),
+    # Our kidneys under names not read here would train as background.
+    ({1: "spleen", 2: "RK", 3: "LK", 6: "liver", 7: "stomach"},
+     r"give liver, spleen but no right_kidney, left_kidney \(unread names: 2 'RK', 3 'LK', 7 'stomach'\).*--label-map"),
+    ({1: "liver", 2: "right kidney"}, "give liver, right_kidney but no left_kidney, spleen"),
+])
+def test_label_names_that_cannot_be_placed_are_refused(names, message):
+    with pytest.raises(UserError, match=message):
+        dataset.map_from_label_names(names, "d.json")
+
+
+def test_lesions_join_only_their_own_organ():
+    # A pancreatic tumour is background, not liver; a liver tumour and a kidney cyst join their organ.
+    names = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen", 5: "pancreas", 6: "pancreas tumor",
+             7: "liver tumour", 8: "kidney_cyst_left"}
+    lm = parse_label_map(dataset.map_from_label_names(names, "d.json"))
+    assert lm.mapping == {1: 1, 2: 2, 3: 3, 4: 4, 7: 1, 8: 3} and lm.allowed == set(range(9))
+    # A lesion naming no organ joins the liver in a liver-only dataset only.
+    assert dataset.map_from_label_names({0: "background", 1: "liver", 2: "cancer"}, "d.json") == "msd_liver"
+    with pytest.raises(UserError, match="label 3 'tumor' does not name its organ"):
+        dataset.map_from_label_names({1: "liver", 2: "pancreas", 3: "tumor"}, "d.json")
+    with pytest.raises(UserError, match="give liver but no .*--label-map"):  # the case: not silently liver
+        dataset.map_from_label_names({1: "liver", 2: "pancreas", 3: "pancreas tumor"}, "d.json")
+
+
+def test_nnunet_ignore_label_is_refused(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    write_pair(tmp_path / "imagesTr" / "case_0000.nii.gz", tmp_path / "labelsTr" / "case.nii.gz", OURS)
+    labels = {"background": 0, "liver": 1, "right kidney": 2, "left kidney": 3, "spleen": 4, "ignore": 5}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    with pytest.raises(UserError, match=r"label 5 'ignore' is nnU-Net's ignore label .*unannotated"):
+        discover(tmp_path)
+
+
+def test_msd_names_numbered_from_0000_are_cases(tmp_path):
+    for n in ("0000", "0001", "0002"):
+        write_pair(tmp_path / "imagesTr" / f"spleen_{n}.nii.gz", tmp_path / "labelsTr" / f"spleen_{n}.nii.gz",
+                   {**OURS, 1: 0, 2: 0, 3: 0, 4: 1})
+    found = discover(tmp_path)
+    assert [c.name for c in found.cases] == ["spleen_0000", "spleen_0001", "spleen_0002"]
+    assert [c.label.name for c in found.cases] == [f"spleen_000{n}.nii.gz" for n in range(3)]
+    assert found.label_map == "msd_spleen"
+
+
 def test_second_channel_and_missing_label_are_errors(tmp_path):
     write_pair(tmp_path / "imagesTr" / "a_0000.nii.gz", tmp_path / "labelsTr" / "a.nii.gz", OURS)
     save_nifti(tmp_path / "imagesTr" / "a_0001.nii.gz", ct(), AFFINE)
