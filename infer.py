@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from dataset import LABEL_MAPS
 
     p = argparse.ArgumentParser(description="Segment liver, kidneys and spleen in CT (NIfTI or DICOM).",
-                                formatter_class=_HelpFormatter)
+                                epilog="The shipped model, checkpoints/phantom_small.pt, is described (intended use, "
+                                "evaluation, failure modes) in docs/MODEL_CARD.md.", formatter_class=_HelpFormatter)
     p.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, DICOM series folder, "
                    "or folder of DICOM series folders")
     p.add_argument("--output", required=True, help="output .nii.gz for one scan, or a folder")
