@@ -550,7 +550,7 @@ def to_training_layout(model: torch.nn.Module, device: torch.device) -> torch.nn
     (the input is converted at every step): cuDNN's and oneDNN's fast 3D convolutions use that
     layout. cuDNN wants the weights so too; on a CPU, channels-last weights make oneDNN copy every
     weight gradient back into that layout: a tenth of a VNet step, and the fused optimiser twice as
-    slow (bench/RESULTS.md, issue 7)."""
+    slow (bench/RESULTS.md, "Tried, not kept")."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last_3d) if device.type == "cuda" else model
 

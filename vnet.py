@@ -59,7 +59,7 @@ PRESETS: dict[str, VNetConfig] = {
     # Same topology at half the width and 3x3x3 kernels, for CPUs: about 2.6 M parameters, a
     # training step 3x cheaper than "medium" (0.33 against 1.0 s at 48^3, batch 2, 2 cores). On
     # fresh phantom patches both learn about as much per step, so in a fixed CPU time the cheaper
-    # step wins (bench/RESULTS.md, "Training on CPU"). ELU, not leaky ReLU: with leaky ReLU it
+    # step wins (bench/RESULTS.md, "Learning per step"). ELU, not leaky ReLU: with leaky ReLU it
     # learned a kidney on a fixed batch in hundreds of steps instead of tens.
     "small": VNetConfig(base_width=8, kernel_size=3, activation="elu", head="linear"),
     # Twice the width of "small": about 10.5 M parameters.
@@ -71,7 +71,7 @@ PRESETS: dict[str, VNetConfig] = {
 # rate where the feature maps are small or the output has few channels (the deep stages, the 5-class
 # head): at 128-256 channels on 2^3-4^3 voxels it takes 4-6x as long as the same sum written as a
 # convolution of the input by the output gradient, with batch and channels swapped. Where the maps
-# are large (32 channels at 48^3) oneDNN's own is faster, hence the rule (bench/RESULTS.md, issue 7).
+# are large (32 channels at 48^3) oneDNN's own is faster, hence the rule (bench/RESULTS.md, "Training speed").
 SWAPPED_WGRAD_MAX_VOXELS = 24**3  # per sample and channel; smaller maps use the swapped weight gradient
 SWAPPED_WGRAD_MAX_OUT = 8  # and so do outputs with fewer channels than this, at any size
 

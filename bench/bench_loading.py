@@ -6,7 +6,7 @@ what each source costs before the first patch.
     python bench/bench_loading.py --image CT.nii.gz --label SEG.nii.gz --label-map flare22
 
 Every augmentation is on for every patch (rotation, zoom, mirrors, intensity scale/shift, gamma,
-noise), so the figure is a worst case. Results: bench/RESULTS.md, "Patch loading (issue 3)".
+noise), so the figure is a worst case. Results: bench/RESULTS.md, "Loading".
 """
 
 from __future__ import annotations
