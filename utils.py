@@ -258,19 +258,26 @@ def load_nifti(path: str | Path, what: str = "image") -> tuple[np.ndarray, np.nd
 
 
 def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, header=None) -> None:
-    """Writes array with affine as both sform and qform (code 1, scanner), atomically. header, if
-    given, is the input's header: its units and descriptions are kept, its scaling is reset."""
+    """Writes array with affine, atomically. header, if given, is the input's header (array on the
+    input's grid): its qform and sform and both codes are copied unchanged (a viewer that reads the
+    qform draws the mask where it draws the CT), and its units and descriptions are kept, its
+    scaling reset. Without a header, or when the header's affine is not affine, affine is written
+    as both sform and qform (code 1, scanner)."""
     import nibabel as nib
 
     path = Path(path)
     if not path.parent.exists():
         raise UserError(f"{path}: the folder {path.parent} does not exist; create it first")
     hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(array, affine, header=hdr)
+    keep = hdr is not None and (int(hdr["qform_code"]) > 0 or int(hdr["sform_code"]) > 0) \
+        and np.allclose(hdr.get_best_affine(), affine, rtol=0, atol=1e-4)
+    # No affine: nibabel takes the header's transforms as they are; with one it rewrites both.
+    img = nib.Nifti1Image(array, None if keep else affine, header=hdr)
     img.set_data_dtype(array.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
+    if not keep:
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
     atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
 

@@ -242,6 +242,28 @@ def test_end_to_end_file_with_metrics(ckpt, scan, tmp_path):
          "--no-postprocess"])
 
 
+def test_mask_keeps_the_ct_qform_and_sform(ckpt, scan, tmp_path):
+    """A CT whose qform (code 1) and sform (code 2) differ by 5 degrees and 3 mm: the mask carries
+    both, with their codes, so a viewer reading either draws it on the CT."""
+    src = nib.load(str(scan[0]))
+    sform = src.affine
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(np.radians(5)), -np.sin(np.radians(5))], [np.sin(np.radians(5)), np.cos(np.radians(5))]]
+    qform = turn @ sform
+    qform[:3, 3] += [3.0, 0.0, 0.0]
+    img = nib.Nifti1Image(np.asanyarray(src.dataobj), None, header=src.header.copy())
+    img.set_sform(sform, code=2)
+    img.set_qform(qform, code=1)
+    image = tmp_path / "tilted.nii.gz"
+    nib.save(img, image)
+    out = tmp_path / "seg.nii.gz"
+    run(["--input", str(image), "--output", str(out), "--checkpoint", str(ckpt), "--no-png"])
+    mask = nib.load(str(out)).header
+    assert mask.get_sform(coded=True)[1] == 2 and mask.get_qform(coded=True)[1] == 1
+    np.testing.assert_allclose(mask.get_sform(), sform, atol=1e-5)
+    np.testing.assert_allclose(mask.get_qform(), qform, atol=1e-4)
+
+
 def test_folder_with_a_bad_case_continues(ckpt, scan, tmp_path):
     image, label = scan
     src = tmp_path / "in"
