@@ -560,7 +560,7 @@ def describe(hu: np.ndarray, affine: np.ndarray) -> str:
 def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
     """Segments one scan and writes its outputs; returns timings (s), organ volumes (mL) and
     metrics (when a reference is given)."""
-    from metrics import format_table, organ_metrics
+    from metrics import format_table, organ_metrics, voxel_volume_ml
 
     timer = Timer()
     hu, affine, header = read_scan(case.source)
@@ -577,12 +577,12 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
 
         save_quicklook(case.png, hu, labels, affine, title=f"{case.name}  ({describe(hu, affine)})")
         timer.lap("png")
-    voxel_ml = float(np.prod(spacing_of(affine))) / 1000
+    voxel_ml = voxel_volume_ml(affine)  # |det|: right on a gantry-tilted (sheared) grid too
     counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
     volumes = {LABELS[v]: round(float(counts[v]) * voxel_ml, 1) for v in range(1, NUM_CLASSES)}
     result = {"output": str(case.output), "volumes_ml": volumes}
     if ref is not None:
-        result["metrics"] = organ_metrics(labels, ref, spacing_of(affine), args.tolerance)
+        result["metrics"] = organ_metrics(labels, ref, affine, args.tolerance)
         timer.lap("metrics")
     total = sum(timer.times.values())
     result["timings"] = {**{k: round(v, 3) for k, v in timer.times.items()}, "total": round(total, 3)}

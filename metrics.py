@@ -1,7 +1,10 @@
 """Segmentation metrics per organ, in physical units, and their reports (screen table, CSV, JSON).
 
 All metrics compare a predicted and a reference label map (X, Y, Z) of one grid, organ by organ
-(utils.LABELS), with voxel spacing (mm) along the array axes:
+(utils.LABELS). The grid is given by its affine (4, 4; voxel index -> mm), or by voxel spacing
+(mm) along the array axes for an axis-aligned grid. Voxel volume is |det(affine[:3, :3])| and
+distances are between voxel centres mapped through the affine, so a sheared grid (gantry-tilted
+CT) is measured in true mm; on an axis-aligned grid both are MONAI's.
 
 - Dice, precision (TP / predicted), recall (TP / reference), from voxel counts.
 - Reference and predicted volume (mL), volume difference (predicted - reference, mL and % of the
@@ -9,7 +12,7 @@ All metrics compare a predicted and a reference label map (X, Y, Z) of one grid,
 - HD95 (mm): the symmetric 95th-percentile Hausdorff distance, as MONAI's
   compute_hausdorff_distance(percentile=95): surface voxels are a mask's voxels that a 6-neighbour
   erosion removes (the volume's border counts as outside), each surface voxel's distance to the
-  other surface is Euclidean in mm, and HD95 is the larger of the two directed 95th percentiles
+  other surface is Euclidean in mm (physical coordinates), and HD95 is the larger of the two directed 95th percentiles
   (linear interpolation).
 - NSD (normalised surface Dice) at a tolerance tau (mm): the share of both surfaces' voxels lying
   within tau of the other surface, as MONAI's compute_surface_dice(use_subvoxels=False).
@@ -30,10 +33,10 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 
 from utils import LABELS, ORGANS, atomic_write
@@ -83,12 +86,29 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Distances (mm, float64) from each surface voxel of pred to the surface of ref, and from each
-    surface voxel of ref to the surface of pred. Both masks non-empty, boolean, one shape.
+def voxel_matrix(grid: ArrayLike) -> np.ndarray:
+    """The (3, 3) float64 map from voxel index steps to mm: affine[:3, :3] of a (4, 4) or (3, 3)
+    affine, or diag(spacing) of three voxel sizes (mm)."""
+    m = np.asarray(grid, dtype=np.float64)
+    if m.shape in ((4, 4), (3, 3)):
+        return m[:3, :3]
+    if m.shape == (3,):
+        return np.diag(m)
+    raise ValueError(f"expected an affine (4, 4) or three voxel sizes, got shape {m.shape}")
 
-    Exact Euclidean distances between voxel centres in mm: the values scipy's
+
+def voxel_volume_ml(grid: ArrayLike) -> float:
+    """Volume of one voxel (mL): |det(affine[:3, :3])| / 1000, right on sheared grids too."""
+    return abs(float(np.linalg.det(voxel_matrix(grid)))) / 1000.0
+
+
+def surface_distances(pred: np.ndarray, ref: np.ndarray, grid: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm, float64) from each surface voxel of pred to the surface of ref, and from each
+    surface voxel of ref to the surface of pred. Both masks non-empty, boolean, one shape; grid is
+    the affine (4, 4) or the voxel spacing (mm) (voxel_matrix).
+
+    Exact Euclidean distances between voxel centres in physical mm (index mapped through the
+    affine): on an axis-aligned grid the values scipy's
     distance_transform_edt(~surface, sampling=spacing) gives at the other surface (tested), found
     with a k-d tree over the surface voxels, which costs the surfaces' size (~1 s for a liver)
     where the transform costs its bounding box's volume (~4 s per direction)."""
@@ -97,38 +117,39 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float
     box = bounding_box(pred | ref)
     p = np.pad(pred[box], 1)  # padding keeps the array border a surface after cropping
     r = np.pad(ref[box], 1)
-    scale = np.asarray(spacing, dtype=np.float64)
-    points_p = np.argwhere(surface(p)) * scale
-    points_r = np.argwhere(surface(r)) * scale
+    to_mm = voxel_matrix(grid).T  # row vectors of indices -> mm (the translation cancels)
+    points_p = np.argwhere(surface(p)) @ to_mm
+    points_r = np.argwhere(surface(r)) @ to_mm
     to_ref = cKDTree(points_r, leafsize=32).query(points_p, k=1, workers=-1)[0]
     to_pred = cKDTree(points_p, leafsize=32).query(points_r, k=1, workers=-1)[0]
     return to_ref, to_pred
 
 
-def hd95_nsd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance: float = 2.0
-             ) -> tuple[float, float]:
-    """(HD95 in mm, NSD at tolerance mm) of two boolean masks (empty masks: module docstring)."""
+def hd95_nsd(pred: np.ndarray, ref: np.ndarray, grid: ArrayLike, tolerance: float = 2.0) -> tuple[float, float]:
+    """(HD95 in mm, NSD at tolerance mm) of two boolean masks on grid (an affine (4, 4) or the
+    voxel spacing, mm; voxel_matrix) (empty masks: module docstring)."""
     has_pred, has_ref = bool(pred.any()), bool(ref.any())
     if not has_pred and not has_ref:
         return 0.0, 1.0
     if not has_pred or not has_ref:
         return math.inf, 0.0
-    d_pr, d_rp = surface_distances(pred, ref, spacing)
+    d_pr, d_rp = surface_distances(pred, ref, grid)
     hd = max(float(np.quantile(d_pr, 0.95)), float(np.quantile(d_rp, 0.95)))
     within = tolerance + 1e-6  # a distance equal to the tolerance counts, whatever its last bit of rounding
     nsd = (np.count_nonzero(d_pr <= within) + np.count_nonzero(d_rp <= within)) / (d_pr.size + d_rp.size)
     return hd, float(nsd)
 
 
-def organ_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance: float = 2.0
+def organ_metrics(pred: np.ndarray, ref: np.ndarray, grid: ArrayLike, tolerance: float = 2.0
                   ) -> dict[str, dict[str, float | None]]:
     """All metrics (METRICS) for each organ of two label maps (X, Y, Z) in our label map, on one grid
-    with voxel spacing (mm) along the array axes. {organ: {metric: value}}; volume difference in %
-    is None for an empty reference, HD95 is inf when exactly one map lacks the organ."""
+    given by its affine (4, 4), or by voxel spacing (mm) along the array axes when axis-aligned.
+    {organ: {metric: value}}; volume difference in % is None for an empty reference, HD95 is inf
+    when exactly one map lacks the organ."""
     if pred.shape != ref.shape:
         raise ValueError(f"prediction {pred.shape} and reference {ref.shape} differ in shape")
-    spacing = [float(s) for s in spacing]
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+    grid = voxel_matrix(grid)
+    voxel_ml = voxel_volume_ml(grid)
     out = {}
     for value, organ in LABELS.items():
         if value == 0:
@@ -146,7 +167,7 @@ def organ_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], t
         row["pred_ml"] = n_pred * voxel_ml
         row["vol_diff_ml"] = (n_pred - n_ref) * voxel_ml
         row["vol_diff_pct"] = 100.0 * (n_pred - n_ref) / n_ref if n_ref else None
-        row["hd95_mm"], row["nsd"] = hd95_nsd(p, r, spacing, tolerance)
+        row["hd95_mm"], row["nsd"] = hd95_nsd(p, r, grid, tolerance)
         out[organ] = row
     return out
 

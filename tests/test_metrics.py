@@ -98,6 +98,49 @@ def test_volumes_and_differences():
     assert m["precision"] == 1.0 and m["recall"] == 0.5 and m["dice"] == pytest.approx(2 * 32 / 96)
 
 
+def tilted_affine(degrees=25.0, spacing=(0.8, 1.1, 2.5)):
+    """A gantry-tilted grid as read from DICOM: slices stacked along z, their rows tilted about x."""
+    t = np.radians(degrees)
+    affine = np.eye(4)
+    affine[:3, :3] = [[spacing[0], 0, 0], [0, spacing[1] * np.cos(t), 0], [0, spacing[1] * np.sin(t), spacing[2]]]
+    affine[:3, 3] = [-100.0, -80.0, 40.0]
+    return affine
+
+
+def brute_force_distances(a, b, affine):
+    """Every surface voxel of a to its nearest surface voxel of b, both mapped through the affine (mm)."""
+    from scipy.spatial.distance import cdist
+
+    pa = np.argwhere(surface(np.pad(a, 1))) @ affine[:3, :3].T
+    pb = np.argwhere(surface(np.pad(b, 1))) @ affine[:3, :3].T
+    return cdist(pa, pb).min(1)
+
+
+def test_sheared_grid_volumes_and_distances_are_physical():
+    affine = tilted_affine()
+    ref = random_labels((30, 26, 14), 7)
+    pred = ndimage.shift(ref, (1, -1, 1), order=0)
+    m = organ_metrics(pred, ref, affine, tolerance=2.0)
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
+    assert voxel_ml == pytest.approx(np.prod(spacing_of(affine)) / 1000 * np.cos(np.radians(25)))
+    for value, organ in enumerate(ORGANS, start=1):
+        p, r = pred == value, ref == value
+        assert m[organ]["ref_ml"] == pytest.approx(np.count_nonzero(r) * voxel_ml)
+        assert m[organ]["pred_ml"] == pytest.approx(np.count_nonzero(p) * voxel_ml)
+        d_pr, d_rp = brute_force_distances(p, r, affine), brute_force_distances(r, p, affine)
+        to_ref, to_pred = surface_distances(p, r, affine)
+        np.testing.assert_allclose(np.sort(to_ref), np.sort(d_pr), atol=1e-9)
+        np.testing.assert_allclose(np.sort(to_pred), np.sort(d_rp), atol=1e-9)
+        hd = max(np.quantile(d_pr, 0.95), np.quantile(d_rp, 0.95))
+        nsd = (np.count_nonzero(d_pr <= 2.0 + 1e-6) + np.count_nonzero(d_rp <= 2.0 + 1e-6)) / (d_pr.size + d_rp.size)
+        assert m[organ]["hd95_mm"] == pytest.approx(hd, abs=1e-9) and m[organ]["nsd"] == pytest.approx(nsd)
+    # An axis-aligned affine, flipped and permuted as LPS files are, gives the spacing's (MONAI's) figures.
+    lps = np.diag([-0.8, -1.1, 2.5, 1.0])[:, [1, 0, 2, 3]]
+    by_affine, by_spacing = organ_metrics(pred, ref, lps), organ_metrics(pred, ref, spacing_of(lps))
+    for organ in ORGANS:
+        assert by_affine[organ] == pytest.approx(by_spacing[organ])
+
+
 def test_empty_masks_are_defined():
     empty = np.zeros((8, 8, 8), bool)
     full = empty.copy()
