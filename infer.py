@@ -69,6 +69,7 @@ from utils import (
     Preprocessing,
     UserError,
     check_writable_folder,
+    checkpoint_members,
     configure_torch,
     first_line,
     load_checkpoint,
@@ -368,8 +369,9 @@ class Segmenter:
         """tta_axes: None for no test-time augmentation, "" for the axes the checkpoint was trained
         mirroring, or digits of canonical axes ("012")."""
         ckpt = load_checkpoint(checkpoint)
-        self.model = model_from_checkpoint(ckpt, checkpoint)
-        cfg = self.model.cfg
+        # An ensemble's members share a config and a grid; their softmax probabilities are averaged.
+        self.models = [model_from_checkpoint(ckpt, checkpoint, i) for i in range(checkpoint_members(ckpt))]
+        cfg = self.models[0].cfg
         if cfg.num_classes != NUM_CLASSES or cfg.in_channels != 1:
             raise UserError(f"{checkpoint}: a model with {cfg.in_channels} input channel(s) and {cfg.num_classes} "
                             f"classes; this tool needs CT in, {NUM_CLASSES} classes out: pass a checkpoint of "
@@ -380,6 +382,8 @@ class Segmenter:
         try:
             self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
             roi = tuple(int(r) for r in ckpt["roi_size"])
+            self.renorm = [member_renormalisation(self.prep, Preprocessing.from_dict(p))
+                           for p in ckpt.get("member_preprocessing") or [ckpt["preprocessing"]]]
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{checkpoint}: no valid preprocessing or roi_size ({type(e).__name__}: {e}); "
                             f"use a checkpoint written by train.py") from None
@@ -405,14 +409,24 @@ class Segmenter:
         self.amp_dtype = None
         if amp and device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        fold_batchnorm(self.model)
-        self.model.to(device).to(memory_format=torch.channels_last_3d)
+        if len(self.renorm) != len(self.models):
+            raise UserError(f"{checkpoint}: {len(self.models)} ensemble members but {len(self.renorm)} "
+                            f"member_preprocessing entries; rebuild it with train.py --ensemble")
+        for model in self.models:
+            fold_batchnorm(model)
+            model.to(device).to(memory_format=torch.channels_last_3d)
         self.checkpoint = checkpoint
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.model(x)
-        return logits.float().softmax(1)
+        """The members' softmax probabilities, averaged; each member sees the window in its own
+        intensity normalisation."""
+        probs = None
+        for model, (scale, shift) in zip(self.models, self.renorm):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = model(x if (scale, shift) == (1.0, 0.0) else x * scale + shift)
+            p = logits.float().softmax(1)
+            probs = p if probs is None else probs.add_(p)
+        return probs if len(self.models) == 1 else probs.div_(len(self.models))
 
     def predictor(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, 1, *roi) normalised CT -> (B, C, *roi) float32 softmax probabilities, averaged over
@@ -501,6 +515,15 @@ class Segmenter:
             keep_largest_components(labels)
             timer.lap("postprocess")
         return labels
+
+
+def member_renormalisation(prep: Preprocessing, member: Preprocessing) -> tuple[float, float]:
+    """(scale, shift) turning CT normalised with `prep` into CT normalised with `member`'s own
+    mean and std (HU), exact since both clip alike: seeds of one recipe may have drawn different
+    intensity statistics from their phantoms."""
+    if member.clip != prep.clip or member.spacing != prep.spacing or member.orientation != prep.orientation:
+        raise ValueError("members differ in grid or clip window")
+    return prep.std / member.std, (prep.mean - member.mean) / member.std
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,6 +7,7 @@
     python train.py --resume checkpoints/RUN
     python train.py --init checkpoints/phantom_small.pt --data DIR   # fine-tune a trained model
     python train.py --deterministic      # bit-for-bit reproducible, also across a kill and --resume
+    python train.py --ensemble RUN_A RUN_B RUN_C --ensemble-out checkpoints/x.pt   # one checkpoint, three seeds
     torchrun --standalone --nproc_per_node=4 train.py ...   # four GPUs (see distributed.py)
 
 A run folder under checkpoints/ receives best.pt and last.pt (plain dicts, loadable with
@@ -14,6 +15,11 @@ torch.load(..., weights_only=True)), metrics.csv, metrics.json and curves.png, e
 atomically. A run killed at any moment (even mid-save) continues with --resume from the last
 epoch that completed; with --deterministic it then ends with the weights an uninterrupted run
 would have reached.
+
+--ensemble packs the final weights (last.pt) of several runs of one recipe (or given checkpoint
+files) into one checkpoint, float16, without optimiser state: "members" (a list of state dicts)
+in place of "model", "member_sources" (checkpoint, run, seed, epoch of each) and
+"member_preprocessing"; infer.py averages the members' softmax probabilities.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from utils import (
     UserError,
     atomic_write,
     check_writable_folder,
+    checkpoint_members,
     configure_torch,
     dice_per_organ,
     load_checkpoint,
@@ -184,6 +191,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only, so a seed always gives the same weights, also across --resume "
                         "(slower on CUDA)")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
+                   help="instead of training, pack these run folders (their last.pt: final weights) or checkpoint "
+                   "files, of one VNet config and grid (e.g. the seeds of one recipe), into --ensemble-out")
+    p.add_argument("--ensemble-out", default="", help="the ensemble checkpoint to write (.pt; must not exist)")
+    p.add_argument("--model-card", default="", help="with --ensemble: the model card's path (e.g. docs/MODEL_CARD.md), "
+                   "recorded in the checkpoint's model_card field")
     return p.parse_args(argv)
 
 
@@ -409,8 +422,15 @@ def resume_state(path: Path) -> dict:
 
 
 def init_state(cfg: TrainConfig) -> dict:
-    """The checkpoint --init fine-tunes, its voxel size copied into cfg (a differing --spacing is an error)."""
+    """The checkpoint --init fine-tunes, its voxel size copied into cfg (a differing --spacing is an
+    error). Of an ensemble, its member 0."""
     ckpt = load_checkpoint(cfg.init)
+    if checkpoint_members(ckpt) > 1:
+        source = (ckpt.get("member_sources") or [{}])[0].get("checkpoint", "?")
+        print(f"note: {cfg.init} is an ensemble of {checkpoint_members(ckpt)} models; fine-tuning its member 0 "
+              f"(from {source})")
+        ckpt = {**ckpt, "model": ckpt["members"][0],
+                "preprocessing": (ckpt.get("member_preprocessing") or [ckpt.get("preprocessing")])[0]}
     prep = ckpt.get("preprocessing")
     if not isinstance(prep, dict) or "spacing" not in prep or not isinstance(ckpt.get("model_config"), dict):
         raise UserError(f"{cfg.init}: no preprocessing or model_config; --init needs a checkpoint written by train.py")
@@ -425,6 +445,84 @@ def init_state(cfg: TrainConfig) -> dict:
                         f"leave --preset out to fine-tune it")
     cfg.preset = name
     return ckpt
+
+
+# What the members of an ensemble must share (seeds of one recipe do): same network, labels, default
+# window and mirroring; their grids are compared separately, as their intensity statistics may differ.
+ENSEMBLE_SHARED = ("model_config", "labels", "roi_size", "augmentation")
+
+
+def ensemble_member(source: str) -> tuple[Path, dict]:
+    """A run folder's final weights (last.pt) or a checkpoint file, loaded."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "last.pt"
+        if not path.is_file():
+            raise UserError(f"{path}: no such checkpoint (a run's final weights); pass a run folder that finished an "
+                            f"epoch, or a checkpoint file, to --ensemble")
+    ckpt = load_checkpoint(path)
+    if checkpoint_members(ckpt) > 1:
+        raise UserError(f"{path}: is itself an ensemble; pass its member runs (its member_sources) to --ensemble")
+    model_from_checkpoint(ckpt, path)  # a clear error now for weights that do not fit their config
+    return path, ckpt
+
+
+def to_half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors in float16 (half the file), except any a float16 cannot hold (beyond 65504)."""
+    out = {}
+    for k, v in state.items():
+        half = v.half() if v.is_floating_point() else v
+        out[k] = half if not v.is_floating_point() or torch.isfinite(half).all() else v
+    return out
+
+
+def build_ensemble(sources: list[str], out: str, model_card: str = "") -> dict:
+    """Writes the ensemble checkpoint of `sources` (run folders or checkpoint files) to `out`;
+    returns {"checkpoint": out, "members": member_sources, "mib": file size}."""
+    path = Path(out)
+    if not out or path.suffix != ".pt":
+        raise UserError(f"--ensemble-out {out!r}: name the ensemble checkpoint to write, e.g. checkpoints/ensemble.pt")
+    if path.exists():
+        raise UserError(f"{path}: exists; remove it or choose another --ensemble-out")
+    check_writable_folder(path.parent, path, "--ensemble-out")
+    if len(sources) < 2:
+        raise UserError(f"--ensemble {' '.join(sources)}: an ensemble needs at least two runs or checkpoints")
+    members = [ensemble_member(s) for s in sources]
+    first, ref = members[0]
+    grid = ("orientation", "spacing", "clip")
+    for p, c in members[1:]:
+        for key in ENSEMBLE_SHARED:
+            if c.get(key) != ref.get(key):
+                raise UserError(f"{p}: its {key} differs from {first}'s; an ensemble's members must be runs of one "
+                                f"recipe (same --preset, --patch, augmentation), differing in --seed")
+        if any(c["preprocessing"].get(k) != ref["preprocessing"].get(k) for k in grid):
+            raise UserError(f"{p}: its grid (orientation, spacing, clip window) differs from {first}'s; an "
+                            f"ensemble's members must be trained at one --spacing")
+    origin = []
+    for p, c in members:
+        cfg = c.get("train_config") or {}
+        epoch = c.get("epoch")
+        origin.append({"checkpoint": str(p), "run": cfg.get("run") or p.parent.name, "seed": cfg.get("seed"),
+                       "epoch": epoch + 1 if isinstance(epoch, int) else None})
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "members": [to_half(c["model"]) for _, c in members],
+        "member_sources": origin,
+        "member_preprocessing": [c["preprocessing"] for _, c in members],
+        "member_metrics": [c.get("metrics") for _, c in members],
+        **{k: ref[k] for k in ENSEMBLE_SHARED},
+        "preprocessing": ref["preprocessing"],
+        "label_map": ref.get("label_map"),
+        "train_config": ref.get("train_config"),
+    }
+    if model_card:
+        ckpt["model_card"] = model_card
+    save_checkpoint(ckpt, path)
+    mib = path.stat().st_size / 2**20
+    print(f"ensemble of {len(members)} -> {path} ({mib:.1f} MiB, float16):")
+    for o in origin:
+        print(f"  {o['checkpoint']}  (run {o['run']}, seed {o['seed']}, epoch {o['epoch']})")
+    return {"checkpoint": str(path), "members": origin, "mib": round(mib, 2)}
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -595,6 +693,10 @@ def dump_rank_weights(model: torch.nn.Module, d: distributed.Dist) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.ensemble or args.ensemble_out or args.model_card:
+        if not args.ensemble:
+            raise UserError("--ensemble-out and --model-card go with --ensemble RUN RUN ...: name the runs to pack")
+        return build_ensemble(args.ensemble, args.ensemble_out, args.model_card)
     t_start = time.time()
     resume = find_resume(args.resume) if args.resume else None
     state = resume_state(resume) if resume else None

@@ -185,14 +185,25 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> torch.nn.Module:
-    """The VNet a checkpoint describes, with its weights, in eval mode. The config is first built
-    on the meta device (no memory) and its tensor shapes compared with the weights', so a config
-    that does not fit them is a clear error, never a huge allocation."""
+def checkpoint_members(ckpt: dict) -> int:
+    """How many weight sets a checkpoint holds: 1 for a model ("model"), N for an ensemble that
+    train.py --ensemble wrote ("members": N state dicts of one VNet config, float16, whose softmax
+    probabilities inference averages; "member_preprocessing": each member's normalisation)."""
+    members = ckpt.get("members")
+    return len(members) if isinstance(members, list) and members and "model" not in ckpt else 1
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint", member: int = 0) -> torch.nn.Module:
+    """The VNet a checkpoint describes, with its weights (an ensemble's member `member`, its
+    float16 weights loaded into float32), in eval mode. The config is first built on the meta
+    device (no memory) and its tensor shapes compared with the weights', so a config that does
+    not fit them is a clear error, never a huge allocation."""
     from vnet import build_vnet
 
     fix = "use a checkpoint written by train.py, unmodified"
     config, state = ckpt.get("model_config"), ckpt.get("model")
+    if state is None and isinstance(ckpt.get("members"), list) and ckpt["members"]:
+        state = ckpt["members"][member]
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise UserError(f"{path}: no model_config or model weights (plain dicts); {fix}")
     try:

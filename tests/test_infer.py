@@ -185,7 +185,7 @@ class SidedStub(torch.nn.Module):
 
 def test_mirroring_tta_swaps_kidneys_back(ckpt):
     seg = infer.Segmenter(ckpt, torch.device("cpu"), tta_axes="0")
-    seg.model = SidedStub()
+    seg.models = [SidedStub()]
     x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         tta = seg.predictor(x)
