@@ -1,6 +1,8 @@
-"""The organs in 3D: an orbiting MP4, a still PNG and per-organ meshes from a label map.
+"""The organs in 3D: an orbiting MP4, a still PNG, an interactive web page and per-organ meshes
+from a label map.
 
     python visualize.py --input pred.nii.gz --output pred.mp4
+    python visualize.py --input pred.nii.gz --html pred.html
     python visualize.py --input pred.nii.gz --reference label.nii.gz --output compare.mp4
     python visualize.py --input pred.nii.gz --ct ct.nii.gz --output context.mp4 --png context.png
     python visualize.py --input seg.nii.gz --label-map totalseg --png still.png --angle 30
@@ -15,7 +17,14 @@ the voxel count on real label maps). Only the copy that is drawn is decimated.
 The camera orbits around the superior-inferior axis, starting from the front with the head up: the
 patient's right on the viewer's left, as a radiologist looks at a patient. The legend gives each
 organ's volume in mL from its voxel count. Rendering is off screen (EGL or OSMesa, no display
-needed); the video is H.264 yuv420p, which browsers play.
+needed); the video is H.264 yuv420p, which browsers play. A mask with no organ at all (a scan
+without them) gives an empty scene with a note, not an error.
+
+The web page (--html) is VTK's own web export: the scene serialized by trame-vtk for vtk.js's
+OfflineLocalView, which trame-vtk ships with vtk.js inlined, so the single file works offline in
+any browser with WebGL (drag to rotate, wheel to zoom). A small overlay adds the legend (names,
+volumes) with a checkbox per organ; '#hide=liver,spleen' after the file's URL opens it with those
+organs hidden.
 
 Meshes (--mesh) are in world RAS millimetres and say so: SPACE=RAS in the STL header and in a
 PLY/OBJ comment, the tag 3D Slicer reads; without it Slicer (4.11 and later) takes all three
@@ -25,8 +34,10 @@ formats as LPS and would mirror them front-back and left-right.
 from __future__ import annotations
 
 import argparse
+import html
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -68,6 +79,7 @@ CT_MM = 3.0  # the --ct context is block-averaged to about this voxel size
 ANTIALIAS = ("fxaa", "msaa", "none")
 MAX_TRIANGLES = 40_000  # per organ after decimation: smooth at 1080p, fast to draw
 ALIASES = {"kidney_right": "right_kidney", "kidney_left": "left_kidney"}
+NO_ORGAN = "no organ in the mask"
 
 
 def pretty(organ: str) -> str:
@@ -279,12 +291,14 @@ def context_surfaces(ct_path: str | Path, smooth_iter: int) -> list[tuple[str, o
 
 @dataclass
 class Pane:
-    """One viewport: a title, organ surfaces with their legend lines, context surfaces."""
+    """One viewport: a title, organ surfaces with their legend lines, context surfaces, and a
+    note shown in the middle when there is nothing to see."""
 
     title: str
     organs: dict[str, object]
     legend: list[tuple[str, str, tuple[float, float, float]]]
     context: list[tuple[str, object]] = field(default_factory=list)
+    note: str = ""
 
 
 def _use_headless_gl() -> None:
@@ -333,9 +347,10 @@ def legend_rect(n_lines: int, value_chars: int, pane_px: tuple[int, int]) -> tup
     return round(x1 - width), round(y1 - height), x1, y1
 
 
-def _add_text(plotter, text: str, x: float, y: float, font: int, color: str = "#202326", right: bool = False,
+def _add_text(plotter, text: str, x: float, y: float, font: int, color: str = "#202326", align: str = "left",
               bold: bool = False) -> None:
-    """Text whose left (or right) end and vertical middle sit at pixel (x, y) of the pane."""
+    """Text whose left end (align 'left'), right end ('right') or middle ('centre') and vertical
+    middle sit at pixel (x, y) of the pane."""
     from vtkmodules.vtkRenderingCore import vtkTextActor
 
     actor = vtkTextActor()
@@ -346,8 +361,10 @@ def _add_text(plotter, text: str, x: float, y: float, font: int, color: str = "#
     prop.SetBold(bold)
     prop.SetColor(*_rgb(color))
     prop.SetVerticalJustificationToCentered()
-    if right:
+    if align == "right":
         prop.SetJustificationToRight()
+    elif align == "centre":
+        prop.SetJustificationToCentered()
     actor.SetPosition(x, y)
     plotter.add_actor(actor, reset_camera=False, pickable=False)
 
@@ -384,11 +401,12 @@ def add_legend(plotter, lines: list[tuple[str, str, tuple[float, float, float]]]
         y = y1 - font - k * font * 1.5
         _add_box(plotter, (x0 + font * 0.6, y - font * 0.4, x0 + font * 1.4, y + font * 0.4), color)
         _add_text(plotter, name, x0 + font * 1.8, y, font)
-        _add_text(plotter, value, x1 - font * 0.6, y, font, right=True)
+        _add_text(plotter, value, x1 - font * 0.6, y, font, align="right")
 
 
-def make_plotter(panes: list[Pane], size: tuple[int, int], antialias: str = "fxaa"):
-    """An off-screen pyvista.Plotter with one viewport per pane, side by side, sharing one camera."""
+def make_plotter(panes: list[Pane], size: tuple[int, int], antialias: str = "fxaa", axes: bool = True):
+    """An off-screen pyvista.Plotter with one viewport per pane, side by side, sharing one camera;
+    axes adds the R/A/S marker."""
     _use_headless_gl()
     import pyvista as pv
 
@@ -420,8 +438,11 @@ def make_plotter(panes: list[Pane], size: tuple[int, int], antialias: str = "fxa
         _add_text(plotter, pane.title, font // 2, size[1] - font, round(font * 1.15), bold=True)
         if pane.legend:
             add_legend(plotter, pane.legend, pane_px)
-        plotter.add_axes(xlabel="R", ylabel="A", zlabel="S", line_width=4, viewport=AXES_VIEWPORT,
-                         interactive=False, label_size=(0.35, 0.14), color="#202326")
+        if pane.note:
+            _add_text(plotter, pane.note, pane_px[0] / 2, pane_px[1] / 2, font, align="centre")
+        if axes:
+            plotter.add_axes(xlabel="R", ylabel="A", zlabel="S", line_width=4, viewport=AXES_VIEWPORT,
+                             interactive=False, label_size=(0.35, 0.14), color="#202326")
         plotter.renderer.SetUseFXAA(antialias == "fxaa")
     if len(panes) > 1:
         plotter.link_views()
@@ -455,7 +476,9 @@ def fit_orbit(meshes: list, size: tuple[int, int], panes: int, elevation: float,
               view_angle: float = 30.0, fill: float = 0.9) -> Orbit:
     """An orbit whose distance keeps every mesh in view at every azimuth: the scene seen as a
     cylinder about the z axis, fitted to fill (fraction) of the pane's width or of its height below
-    the top fraction kept free."""
+    the top fraction kept free. With no mesh (an empty scene), a 10 cm sphere at the origin."""
+    if not meshes:
+        return Orbit(np.zeros(3), 400.0, 100.0, elevation, top)
     points = np.concatenate([np.asarray(m.points) for m in meshes])
     lo, hi = points.min(0), points.max(0)
     centre = (lo + hi) / 2.0
@@ -537,6 +560,159 @@ def write_obj(path: Path, mesh, comment: str) -> None:
         np.savetxt(f, points, fmt="v %.4f %.4f %.4f")
         np.savetxt(f, normals, fmt="vn %.5f %.5f %.5f")
         np.savetxt(f, np.repeat(faces, 2, axis=1), fmt="f %d//%d %d//%d %d//%d")
+
+
+# ---------------------------------------------------------------------------------------------
+# Web page: vtk.js's OfflineLocalView with the scene inlined, as trame-vtk's export writes it, and
+# an overlay per pane (title, legend with a checkbox per organ, note). Organ actors are found in
+# the browser by their fixed colour, which is all the exported scene says about them.
+
+# Addresses that a page loads by itself: src/href attributes (also set from script), CSS url(),
+# script imports and fetches. Links in comments and in text are not loaded, so do not count.
+_LOADED_URL = re.compile(
+    r"""(?:\b(?:src|href|action|poster|data)\s*=\s*|\b(?:url|import|fetch)\s*\(\s*|\bfrom\s*"""
+    r"""|setAttribute\(\s*["'](?:src|href)["']\s*,\s*)["'`]?\s*((?:https?:)?//[^\s"'`)<>]+)""", re.IGNORECASE)
+
+HTML_STYLE = """<style>
+  .abv { position: fixed; z-index: 1; font: 14px/1.5 system-ui, sans-serif; color: #202326; }
+  .abv-card { background: rgba(255, 255, 255, 0.82); border-radius: 6px; padding: 6px 10px; }
+  .abv-card label { display: flex; align-items: center; gap: 7px; cursor: pointer; }
+  .abv-swatch { width: 13px; height: 13px; border-radius: 3px; }
+  .abv-value { margin-left: auto; padding-left: 18px; font-variant-numeric: tabular-nums; }
+  .abv-note { top: 50%; transform: translate(-50%, -50%); font-size: 18px; }
+</style>"""
+
+HTML_SCRIPT = """<script>
+(() => {
+  const boxes = [...document.querySelectorAll("input.abv-organ")];
+  const hide = new URLSearchParams(location.hash.slice(1)).get("hide");
+  for (const box of boxes) {
+    if (hide && hide.split(",").includes(box.dataset.organ)) box.checked = false;
+    box.color = box.dataset.color.split(",").map(Number);
+  }
+  // Gives each organ actor its checkbox's visibility, rendering only on a change. It runs on every
+  // click and a few times a second: the scene loads asynchronously, and loading sets visibilities.
+  function apply() {
+    const view = window.global && window.global.renderWindow;
+    if (!view) return;
+    let changed = false;
+    for (const renderer of view.getRenderers()) {
+      const pane = Math.round(renderer.getViewport()[0] * PANES);
+      for (const actor of renderer.getActors()) {
+        const rgb = actor.getProperty().getDiffuseColor();
+        const box = boxes.find((b) => +b.dataset.pane === pane && b.color.every((v, i) => Math.abs(v - rgb[i]) < 1e-3));
+        if (box && Boolean(actor.getVisibility()) !== box.checked) {
+          actor.setVisibility(box.checked);
+          changed = true;
+        }
+      }
+    }
+    if (changed) view.render();
+  }
+  for (const box of boxes) box.addEventListener("change", apply);
+  setInterval(apply, 250);
+})();
+</script>"""
+
+
+def loaded_urls(page: str) -> list[str]:
+    """The http(s) addresses that an HTML page would fetch by itself while loading."""
+    return _LOADED_URL.findall(page)
+
+
+def scene_archive(plotter) -> bytes:
+    """The plotter's scene (renderers with their viewports, the camera, actors, meshes with their
+    normals) as the zip that vtk.js's OfflineLocalView loads: trame-vtk's serialization, as its
+    export runs it, without the web server that export starts."""
+    import io
+    import json
+    import zipfile
+
+    from trame_vtk.modules.vtk.serializers import (
+        SynchronizationContext,
+        extract_array_hash,
+        initialize_serializers,
+        reference_id,
+    )
+    from trame_vtk.modules.vtk.serializers.render_windows import render_window_serializer
+
+    initialize_serializers()
+    context = SynchronizationContext()
+    window = plotter.render_window
+    scene = render_window_serializer(None, window, "1", context, 1)
+    camera = plotter.renderers[0].camera
+    scene["extra"] = {"vtkRefId": reference_id(window), "centerOfRotation": camera.GetFocalPoint(),
+                      "camera": reference_id(camera)}
+    hashes = {e["hash"]: {**e, "content": context.get_cached_data_array(e["hash"], False)}
+              for e in extract_array_hash(scene)}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("index.json", json.dumps({"hashes": hashes, "scene": scene}))
+    return buffer.getvalue()
+
+
+def _html_overlay(panes: list[Pane]) -> str:
+    """Per pane: its title (upper left), its legend (upper right: a checkbox, colour, name and
+    value per organ, then the context surfaces), its note (middle)."""
+    n = len(panes)
+    parts = [HTML_STYLE, '<div class="content"></div>']
+    for k, pane in enumerate(panes):
+        left, right = 100 * k / n, 100 * (n - 1 - k) / n
+        parts.append(f'<div class="abv" style="top: 8px; left: calc({left:g}% + 10px); font-weight: bold">'
+                     f"{html.escape(pane.title)}</div>")
+        rows = [(name, value, color) for name, value, color in pane.legend]
+        rows += [("bones" if name == "bone" else name, "", BODY_COLOR if name == "body" else BONE_COLOR)
+                 for name, _ in pane.context]
+        if rows:
+            lines = []
+            for name, value, color in rows:
+                absent = value == "absent"
+                color = _rgb(color)  # as the actor has it: pyvista rounds colours to 8 bits
+                hexcolor = "#" + "".join(f"{round(255 * c):02x}" for c in color)
+                lines.append(
+                    f'<label><input type="checkbox" class="abv-organ" data-pane="{k}" '
+                    f'data-organ="{name.replace(" ", "_")}" data-color="{",".join(f"{c:.6g}" for c in color)}"'
+                    f'{" disabled" if absent else " checked"}><span class="abv-swatch" '
+                    f'style="background: {hexcolor}"></span>{html.escape(name)}'
+                    f'<span class="abv-value">{html.escape(value)}</span></label>')
+            parts.append(f'<div class="abv abv-card" style="top: 8px; right: calc({right:g}% + 8px)">'
+                         + "".join(lines) + "</div>")
+        if pane.note:
+            parts.append(f'<div class="abv abv-note" style="left: {100 * (k + 0.5) / n:g}%">'
+                         f"{html.escape(pane.note)}</div>")
+    parts.append('<div class="abv" style="bottom: 6px; left: 10px; font-size: 12px">drag: rotate · wheel: zoom · '
+                 "shift-drag: pan · opens from the front, the patient's right on your left</div>")
+    parts.append(HTML_SCRIPT.replace("PANES", str(n)))
+    return "\n".join(parts)
+
+
+def html_page(plotter, panes: list[Pane], title: str) -> str:
+    """A single self-contained HTML page (vtk.js and the scene inlined) of the plotter's scene,
+    with the panes' overlay; it fetches nothing from the web."""
+    import io
+
+    from trame_vtk.tools.vtksz2html import write_html
+
+    out = io.StringIO()
+    write_html(scene_archive(plotter), out)
+    page = out.getvalue()
+    # vtk.js adds favicons from its website to the page's head: the page would go online for them.
+    page = re.sub(r"""setAttribute\(\s*["']href["']\s*,\s*`https?://[^`]*favicon[^`]*`\s*\)""",
+                  'setAttribute("href","data:,")', page)
+    page = re.sub(r"<title>.*?</title>", lambda _: f"<title>{html.escape(title)}</title>", page, count=1)
+    remote = loaded_urls(page)
+    if remote or page.count("<body>") != 1:
+        from importlib.metadata import version
+
+        why = f"would load {remote[0]} from the web" if remote else "has no single <body> to add the legend to"
+        raise UserError(f"--html: the viewer page of trame-vtk {version('trame-vtk')} {why}; install the tested "
+                        f"one: pip install 'trame-vtk>=2.11,<3'")
+    return page.replace("<body>", "<body>\n" + _html_overlay(panes), 1)
+
+
+def write_html(path: Path, plotter, panes: list[Pane], title: str) -> None:
+    page = html_page(plotter, panes, title)
+    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,12 +825,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from dataset import LABEL_MAPS
 
     p = argparse.ArgumentParser(
-        description="Render the organs of a label map in 3D: an orbiting MP4, a still PNG, meshes.",
+        description="Render the organs of a label map in 3D: an orbiting MP4, a still PNG, an interactive "
+                    "web page, meshes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="label map (.nii.gz): 0 background, 1 liver, 2 right kidney, "
                    "3 left kidney, 4 spleen (or see --label-map)")
     p.add_argument("--output", help="MP4 video to write (H.264, yuv420p)")
     p.add_argument("--png", help="still image (.png) to write, seen from --angle")
+    p.add_argument("--html", help="interactive 3D page (.html) to write: one self-contained file that works "
+                   "offline, opening seen from --angle")
     p.add_argument("--mesh", help="folder to write one mesh per organ into (ORGAN.<format>, world RAS mm)")
     p.add_argument("--mesh-format", choices=["stl", "obj", "ply"], default="stl", help="mesh file format")
     p.add_argument("--reference", help="reference label map (e.g. ground truth), shown beside --input")
@@ -683,8 +862,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     """Validates the options and every output before any work; returns the frame size."""
-    if not (args.output or args.png or args.mesh):
-        raise UserError("nothing to write: pass --output VIDEO.mp4, --png STILL.png and/or --mesh FOLDER")
+    if not (args.output or args.png or args.html or args.mesh):
+        raise UserError("nothing to write: pass --output VIDEO.mp4, --png STILL.png, --html PAGE.html and/or "
+                        "--mesh FOLDER")
     size = parse_size(args.size)
     if args.frames < 1 or args.frames > 100_000:
         raise UserError(f"--frames {args.frames}: must be 1..100000")
@@ -700,6 +880,8 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         check_output(Path(args.output), "--output", ".mp4", args.overwrite)
     if args.png:
         check_output(Path(args.png), "--png", ".png", args.overwrite)
+    if args.html:
+        check_output(Path(args.html), "--html", ".html", args.overwrite)
     if args.mesh:
         folder = Path(args.mesh)
         if folder.exists() and not folder.is_dir():
@@ -735,29 +917,31 @@ def main(args: argparse.Namespace) -> None:
     labels, affine = read_labels(args.input, args.label_map)
     volumes = organ_volumes(labels, affine)
     present = [o for o in organs if volumes[o] > 0]
+    # A mask without any organ (a scan without them) is a result, not an error: an empty scene
+    # with a note, so that infer.py then visualize.py in a script goes on.
+    empty = [args.input] if not any(volumes.values()) else []
     ref_present: list[str] = []
     if args.reference:
         ref_labels, ref_affine = read_labels(args.reference, args.reference_label_map or args.label_map,
                                              "reference label map")
         ref_volumes = organ_volumes(ref_labels, ref_affine)
         ref_present = [o for o in organs if ref_volumes[o] > 0]
+        empty += [args.reference] if not any(ref_volumes.values()) else []
         missing = [o for o in organs if o not in present and o not in ref_present]
-        if missing and asked:
+        if missing and asked and len(empty) < 2:
             raise UserError(f"{args.input} and {args.reference}: no voxels of {', '.join(missing)} in either; "
                             f"drop them from --organs or check --label-map")
-        if not present and not ref_present:
-            raise UserError(f"{args.input} and {args.reference}: no organ labels in either (all background); "
-                            f"check the files and --label-map")
     else:
         missing = [o for o in organs if o not in present]
-        if missing and asked:
+        if missing and asked and not empty:
             raise UserError(f"{args.input}: no voxels of {', '.join(missing)} (asked by --organs); drop them "
                             f"from --organs, or check the file and --label-map")
-        if not present:
-            raise UserError(f"no organ labels in {args.input} (all voxels are background); pass a label map with "
-                            f"organs, or the right --label-map")
-    if missing and not args.quiet:
-        print(f"note: {args.input} has no {', '.join(missing)}", file=sys.stderr)
+    if not args.quiet:
+        for path in empty:
+            print(f"note: {path}: no organ in the mask (all voxels are background)"
+                  + ("; no mesh written" if args.mesh and path == args.input else ""), file=sys.stderr)
+        if missing and not empty:
+            print(f"note: {args.input} has no {', '.join(missing)}", file=sys.stderr)
 
     surfaces = organ_surfaces(labels, affine, organs, args.voxel_mm, args.smooth)
     panes_organs = [o for o in organs if o in present or o in ref_present]
@@ -770,6 +954,8 @@ def main(args: argparse.Namespace) -> None:
                  Pane("reference", ref_surfaces, legend_lines(ref_volumes, panes_organs))]
     else:
         panes = [Pane(args.title or Path(args.input).name, surfaces, legend_lines(volumes, panes_organs))]
+    for pane, path in zip(panes, [args.input, args.reference]):
+        pane.note = NO_ORGAN if path in empty else ""
     if args.ct:
         context = context_surfaces(args.ct, args.smooth)
         _check_overlap(args, context, surfaces)
@@ -783,8 +969,18 @@ def main(args: argparse.Namespace) -> None:
             write_mesh(folder / f"{organ}.{args.mesh_format}", mesh, args.mesh_format, organ)
 
     written = [f"{args.mesh}/ ({len(surfaces)} {args.mesh_format.upper()} meshes)"] if args.mesh else []
+    shown = [m for p in panes for m in p.organs.values()] + [m for _, m in panes[0].context]
+    if args.html:
+        # vtk.js would draw the marker's viewport as a blank box: the page says how it opens instead.
+        plotter = make_plotter(panes, size, "none", axes=False)
+        try:
+            # The page has no title band over the scene (its legend floats), and any window shape.
+            fit_orbit(shown, size, len(panes), args.elevation, fill=0.75).place(plotter, args.angle)
+            write_html(Path(args.html), plotter, panes, args.title or Path(args.input).name)
+        finally:
+            plotter.close()
+        written.append(args.html)
     if args.output or args.png:
-        shown = [m for p in panes for m in p.organs.values()] + [m for _, m in panes[0].context]
         plotter = make_plotter(panes, size, args.antialias)
         try:
             pane_px = (size[0] // len(panes), size[1])
@@ -801,7 +997,7 @@ def main(args: argparse.Namespace) -> None:
         finally:
             plotter.close()
     if not args.quiet:
-        shown_text = ", ".join(f"{pretty(o)} {volumes[o]:,.0f} mL" for o in surfaces)
+        shown_text = ", ".join(f"{pretty(o)} {volumes[o]:,.0f} mL" for o in surfaces) or NO_ORGAN
         print(f"{Path(args.input).name}: {shown_text}")
         print(f"wrote {'; '.join(written)} in {time.perf_counter() - start:.1f} s")
 
