@@ -882,6 +882,10 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         check_output(Path(args.png), "--png", ".png", args.overwrite)
     if args.html:
         check_output(Path(args.html), "--html", ".html", args.overwrite)
+        import importlib.util
+
+        if importlib.util.find_spec("trame_vtk") is None:
+            raise UserError("--html needs trame-vtk (VTK's web export): pip install 'trame-vtk>=2.11,<3'")
     if args.mesh:
         folder = Path(args.mesh)
         if folder.exists() and not folder.is_dir():

@@ -318,7 +318,7 @@ def test_infer_out_of_memory_falls_back(fail_on, warnings, f, ck, tmp_path, monk
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "wrong_ext", "2d", "4d", "nan_label",
-                                  "unknown_label", "background_label", "ct"])
+                                  "unknown_label", "ct"])
 def test_visualize_bad_label_map(kind, f, tmp_path, capsys):
     code, _, err = cli(visualize.main, visualize.parse_args, ["--input", f[kind], "--mesh", tmp_path / "m", "--quiet"],
                        capsys)
@@ -351,12 +351,13 @@ def test_visualize_bad_ct_and_outputs(f, tmp_path, capsys):
 
 @pytest.mark.parametrize("label,extra,warnings", [
     ("constant_label", [], 0),
+    ("background_label", [], 0),  # a scan without organs: no mesh, exit 0 (tests/test_visualize.py has more)
     ("small_label", [], 0),
     ("thick_label", ["--ct", "thick"], 0),
     ("label", ["--ct", "extreme"], 0),
     ("label", ["--ct", "nan"], 1),
     ("label", ["--reference", "mismatch_label"], 0),
-], ids=["constant", "small", "thick", "extreme_hu", "nan_ct", "reference_on_another_grid"])
+], ids=["constant", "no_organ", "small", "thick", "extreme_hu", "nan_ct", "reference_on_another_grid"])
 def test_visualize_unusual_but_valid(label, extra, warnings, f, tmp_path, capsys):
     argv = ["--input", f[label], *[f[a] if a in f else a for a in extra], "--mesh", tmp_path / "m", "--quiet"]
     code, _, err = cli(visualize.main, visualize.parse_args, argv, capsys)

@@ -1,6 +1,9 @@
 """visualize.py: surfaces (closed, true volume, world RAS), videos and stills (frames, colours, which
 side the liver is on), meshes for Slicer, and the errors a user meets."""
 
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,9 +16,11 @@ sys.path.insert(0, str(ROOT))
 
 import visualize  # noqa: E402
 from phantom import make_phantom, reorient_for_writing  # noqa: E402
-from utils import UserError, run_cli, save_nifti  # noqa: E402
+from utils import ORGANS, UserError, run_cli, save_nifti  # noqa: E402
 
 SIZE = (320, 240)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER = (1000, 600)  # window of the browser screenshots (pixels)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,13 @@ def organ_pixels(image: np.ndarray, panes: int = 1, pane: int = 0) -> dict[str, 
     scene[: h - y0 + 2, max(0, x0 - 2):] = False
     x0, y0, x1, y1 = visualize.AXES_VIEWPORT
     scene[int(h * (1 - y1)) - 2:, : int(np.ceil(pw * x1)) + 2] = False
+    return colour_pixels(hsv, scene)
+
+
+def colour_pixels(hsv: np.ndarray, scene: np.ndarray) -> dict[str, np.ndarray]:
+    """{organ: x positions of the pixels of its hue} within scene (bool mask) of an HSV image."""
+    from matplotlib.colors import rgb_to_hsv
+
     out = {}
     for organ, color in visualize.COLORS.items():
         target = rgb_to_hsv(np.array(color))[0]
@@ -238,6 +250,117 @@ def test_mesh_export_for_slicer(phantom_files, tmp_path, fmt):
 
 
 # ---------------------------------------------------------------------------------------------
+# Web page (--html), loaded in a real browser
+
+
+def browser_screenshot(page: Path, out: Path, fragment: str = "") -> np.ndarray:
+    """Headless Chromium opens page from disk with every host name unresolvable (so the page must
+    work offline), draws its WebGL with SwiftShader and saves a screenshot: (H, W, 3) uint8."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is absent (apt-get install chromium)")
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader",
+           "--enable-unsafe-swiftshader", "--disable-quic", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--host-resolver-rules=MAP * ~NOTFOUND",
+           f"--user-data-dir={out.parent / (out.stem + '-profile')}", f"--screenshot={out}",
+           f"--window-size={BROWSER[0]},{BROWSER[1]}", "--virtual-time-budget=10000", page.as_uri() + fragment]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.exists(), f"chromium wrote no screenshot: {result.stderr[-2000:]}"
+    return read_png(out)
+
+
+def assert_page_shows(image: np.ndarray, shown, hidden=()) -> None:
+    """The organs shown are on the screenshot (by hue: vtk.js lights them its own way), the hidden
+    ones are not, and the front view has the patient's right on the viewer's left. The legend card
+    (upper right), whose colour swatches would count, is masked out."""
+    from matplotlib.colors import rgb_to_hsv
+
+    h, w = image.shape[:2]
+    scene = np.ones((h, w), dtype=bool)
+    scene[:180, w - 340:] = False
+    found = colour_pixels(rgb_to_hsv(image.astype(np.float64) / 255.0), scene)
+    for organ in shown:
+        assert found[organ].size > 100, f"no {organ} colour on the page"
+    for organ in hidden:
+        assert found[organ].size < 20, f"{organ} is on the page though hidden"
+    if {"liver", "spleen"} <= set(shown):
+        assert found["liver"].mean() < found["spleen"].mean()
+
+
+def assert_offline(text: str) -> None:
+    """No http(s) address that the page would fetch: none in a src= or href= (in the markup, or set
+    from script), none that the tool's own, wider scan finds."""
+    assert not re.findall(r"""(?:src|href)\s*(?:=|["']\s*,)\s*["'`]?\s*(?:https?:)?//""", text, re.IGNORECASE)
+    assert visualize.loaded_urls(text) == []
+
+
+def test_loaded_urls_are_what_a_page_fetches():
+    page = """<script src="https://cdn.example/x.js"></script><link rel="stylesheet" href='//fonts.example/a.css'>
+    <style>body { background: url( "http://img.example/b.png") }</style>
+    <script>import("https://esm.example/m.js"); e.setAttribute("href",`https://icons.example/i.png`)</script>
+    <!-- see https://docs.example/ --><p>Copyright: http://www.example.com/Copyright.htm</p>"""
+    assert visualize.loaded_urls(page) == ["https://cdn.example/x.js", "//fonts.example/a.css",
+                                           "http://img.example/b.png", "https://esm.example/m.js",
+                                           "https://icons.example/i.png"]
+
+
+def test_html_page_of_a_phantom(phantom_files, tmp_path):
+    page = tmp_path / "organs.html"
+    run("--input", phantom_files["label"], "--html", page)
+    assert [p.name for p in tmp_path.iterdir()] == ["organs.html"]  # one file, no temporary left
+    text = page.read_text()
+    assert_offline(text)
+    labels, affine = visualize.read_labels(phantom_files["label"], "identity")
+    for organ, ml in visualize.organ_volumes(labels, affine).items():
+        assert f'data-organ="{organ}"' in text and f"{ml:,.0f} mL" in text  # the legend, a checkbox each
+    assert_page_shows(browser_screenshot(page, tmp_path / "all.png"), ORGANS)
+    # The checkboxes hide organs; '#hide=' unticks them as the page opens.
+    assert_page_shows(browser_screenshot(page, tmp_path / "some.png", "#hide=liver,left_kidney"),
+                      ["right_kidney", "spleen"], hidden=["liver", "left_kidney"])
+
+
+def test_html_page_with_reference_and_ct(phantom_files, tmp_path):
+    page = tmp_path / "compare.html"
+    run("--input", phantom_files["label"], "--reference", phantom_files["label"], "--ct", phantom_files["ct"],
+        "--html", page, "--organs", "liver,spleen")
+    text = page.read_text()
+    assert_offline(text)
+    for pane in (0, 1):  # a legend per pane: the organs asked for, then the CT's body and bones
+        organs = re.findall(rf'data-pane="{pane}" data-organ="(\w+)"', text)
+        assert organs == ["liver", "spleen", "body", "bones"]
+    assert "Dice 1.00" in text and ">prediction<" in text and ">reference<" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# A mask without organs
+
+
+def test_mask_without_organs_gives_an_empty_scene(phantom_files, tmp_path, capsys):
+    """A scan without organs is a result: every output is written, with a note, and the exit
+    status is 0, so that infer.py then visualize.py in a script goes on."""
+    empty = tmp_path / "empty.nii.gz"
+    save_nifti(empty, np.zeros((10, 10, 10), dtype=np.uint8), np.diag([3.0, 3.0, 3.0, 1.0]))
+    out = tmp_path / "out"
+    out.mkdir()
+    run_cli(visualize.main, visualize.parse_args([
+        "--input", str(empty), "--output", str(out / "a.mp4"), "--png", str(out / "a.png"),
+        "--html", str(out / "a.html"), "--mesh", str(out / "meshes"), "--frames", "2", "--size", "320x240"]))
+    err = capsys.readouterr().err
+    assert "no organ in the mask" in err and "no mesh written" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.html", "a.mp4", "a.png", "meshes"]
+    assert list((out / "meshes").iterdir()) == []
+    frames, _ = read_video(out / "a.mp4")
+    assert len(frames) == 2
+    assert all(v.size == 0 for v in organ_pixels(read_png(out / "a.png")).values())
+    text = (out / "a.html").read_text()
+    assert "no organ in the mask" in text and 'class="abv-organ"' not in text
+    # Beside a reference with organs: the empty pane says so, the other shows them.
+    png = out / "cmp.png"
+    run("--input", empty, "--reference", phantom_files["label"], "--png", png, "--size", "480x240")
+    assert all(v.size == 0 for v in organ_pixels(read_png(png), panes=2, pane=0).values())
+    assert organ_pixels(read_png(png), panes=2, pane=1)["liver"].size > 20
+
+
+# ---------------------------------------------------------------------------------------------
 # Label maps and errors
 
 
@@ -254,10 +377,6 @@ def test_totalseg_label_map(tmp_path):
 
 
 def test_errors(phantom_files, tmp_path):
-    empty = tmp_path / "empty.nii.gz"
-    save_nifti(empty, np.zeros((8, 8, 8), dtype=np.uint8), np.eye(4))
-    with pytest.raises(UserError, match="no organ labels in .*empty.nii.gz"):
-        run("--input", empty, "--output", tmp_path / "a.mp4")
     liver_only = tmp_path / "liver.nii.gz"
     save_nifti(liver_only, np.pad(np.ones((4, 4, 4), dtype=np.uint8), 2), np.eye(4))
     with pytest.raises(UserError, match="no voxels of right_kidney, spleen"):
@@ -284,8 +403,14 @@ def test_errors(phantom_files, tmp_path):
         run("--input", phantom_files["label"])
     with pytest.raises(UserError, match="must be even"):
         run("--input", phantom_files["label"], "--output", tmp_path / "a.mp4", "--size", "321x240")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "empty.nii.gz", "liver.nii.gz",
-                                                         "other.nii.gz", "probs.nii.gz"]
+    with pytest.raises(UserError, match="must end in .html"):
+        run("--input", phantom_files["label"], "--html", tmp_path / "a.htm")
+    (tmp_path / "old.html").write_text("old")
+    with pytest.raises(UserError, match="old.html: exists; pass --overwrite"):
+        run("--input", phantom_files["label"], "--html", tmp_path / "old.html")
+    assert (tmp_path / "old.html").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "liver.nii.gz", "old.html", "other.nii.gz",
+                                                         "probs.nii.gz"]
 
 
 def test_error_is_one_line_and_exit_1(tmp_path, capsys):
@@ -367,6 +492,15 @@ def test_ircad_video(tmp_path):
     assert_anterior(frames[0])
     for k in (30, 60, 90):
         assert sum(v.size > 0 for v in organ_pixels(frames[k]).values()) >= 2
+
+
+@pytest.mark.skipif(not (REAL / "ircad_p1").exists(), reason="../shared/data/real is absent")
+def test_ircad_html_page(tmp_path):
+    """IRCAD patient 1's label (LPS) as a web page: offline, and Chromium shows the four organs."""
+    page = tmp_path / "ircad.html"
+    run("--input", REAL / "ircad_p1" / "label.nii.gz", "--html", page)
+    assert_offline(page.read_text())
+    assert_page_shows(browser_screenshot(page, tmp_path / "ircad.png"), ORGANS)
 
 
 @pytest.mark.skipif(not (REAL / "totalseg_example").exists(), reason="../shared/data/real is absent")
