@@ -330,6 +330,17 @@ def test_html_page_with_reference_and_ct(phantom_files, tmp_path):
     assert "Dice 1.00" in text and ">prediction<" in text and ">reference<" in text
 
 
+def test_html_without_trame_vtk_is_a_clear_error(phantom_files, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trame_vtk" else
+                        find_spec(name, *a))
+    with pytest.raises(UserError, match="--html needs trame-vtk"):
+        run("--input", phantom_files["label"], "--html", tmp_path / "a.html")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # A mask without organs
 
