@@ -52,13 +52,13 @@ def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray:
     return np.array([float(v) for v in value], dtype=np.float64)
 
 
-def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CT series from a folder -> (HU volume (X, Y, Z) int16 when the values fit, else float32;
-    affine (4, 4) RAS, mm). Raises UserError on a folder that holds no series, several series,
-    inconsistent or missing geometry, duplicate or unevenly spaced slices, or a single slice."""
+def sorted_slices(folder: str | Path) -> list[tuple[Path, object]]:
+    """The image slices of the one series in a folder, as (path, header without pixels), sorted by
+    position along the slice normal: the order of the volume's slice axis. Raises UserError on a
+    folder that holds no series, several series, inconsistent or missing geometry, duplicate or
+    unevenly spaced slices, or a single slice."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut
 
     folder = Path(folder)
     files = dicom_files(folder)
@@ -120,10 +120,24 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{folder}: slices are not evenly spaced ({steps[k]:.3f} mm between {placed[k][2].name} and "
                         f"{placed[k + 1][2].name}, {step:.3f} mm elsewhere); a slice is missing or the series "
                         f"has variable spacing")
+    return [(p, ds) for _, _, p, ds in placed]
+
+
+def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CT series from a folder -> (HU volume (X, Y, Z) int16 when the values fit, else float32;
+    affine (4, 4) RAS, mm). Raises UserError as sorted_slices does, and on undecodable pixels."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    folder = Path(folder)
+    slices = sorted_slices(folder)
+    p0, ds0 = slices[0]
+    orient = _floats(ds0, "ImageOrientationPatient", 6, p0)
+    rows, cols = int(ds0.Rows), int(ds0.Columns)
     spacing = _floats(ds0, "PixelSpacing", 2, p0)  # (between rows, between columns)
 
     volume = None
-    for k, (_, _, p, _) in enumerate(placed):
+    for k, (p, _) in enumerate(slices):
         try:
             ds = pydicom.dcmread(p)
             pixels = ds.pixel_array
@@ -136,15 +150,98 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
             raise UserError(f"{p}: pixel data of shape {hu.shape}, expected ({rows}, {cols}); a multi-frame or "
                             f"colour image is not a CT slice")
         if volume is None:
-            volume = np.empty((cols, rows, len(placed)), dtype=np.float32)
+            volume = np.empty((cols, rows, len(slices)), dtype=np.float32)
         volume[:, :, k] = hu.T
 
-    first, last = placed[0][1], placed[-1][1]
+    first = _floats(ds0, "ImagePositionPatient", 3, p0)
+    last = _floats(slices[-1][1], "ImagePositionPatient", 3, slices[-1][0])
     affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_dir * spacing[1]
-    affine_lps[:3, 1] = col_dir * spacing[0]
-    affine_lps[:3, 2] = (last - first) / (len(placed) - 1)
+    affine_lps[:3, 0] = orient[:3] * spacing[1]
+    affine_lps[:3, 1] = orient[3:] * spacing[0]
+    affine_lps[:3, 2] = (last - first) / (len(slices) - 1)
     affine_lps[:3, 3] = first
     if np.all(volume == np.round(volume)) and volume.min() >= -32768 and volume.max() <= 32767:
         volume = volume.astype(np.int16)
     return volume, LPS_TO_RAS @ affine_lps
+
+
+def stored_type(ds) -> str:
+    """The pixel type a CT slice stores, with its rescale when there is one: "uint16 x2 -1024" (HU =
+    2 * stored - 1024), "int16"."""
+    bits = int(getattr(ds, "BitsAllocated", 16) or 16)
+    kind = "int" if int(getattr(ds, "PixelRepresentation", 0) or 0) else "uint"
+    slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+    scaling = f" x{slope:g} {intercept:+g}" if (slope, intercept) != (1.0, 0.0) else ""
+    return f"{kind}{bits}{scaling}"
+
+
+# SNOMED CT codes of the organs as DCMQI and 3D Slicer's terminology (SegmentationCategoryTypeModifier-
+# SlicerGeneralAnatomy) code them, and as highdicom's pydicom code dictionary holds them: category
+# "Anatomical structure", type the organ, kidneys with a laterality modifier.
+SCT_ANATOMICAL_STRUCTURE = ("91723000", "Anatomical Structure")
+SCT_ORGANS: dict[str, tuple[tuple[str, str], tuple[str, str] | None]] = {
+    "liver": (("10200004", "Liver"), None),
+    "right_kidney": (("64033007", "Kidney"), ("24028007", "Right")),
+    "left_kidney": (("64033007", "Kidney"), ("7771000", "Left")),
+    "spleen": (("78961009", "Spleen"), None),
+}
+
+
+def _sct(code: str, meaning: str):
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value=code, scheme_designator="SCT", meaning=meaning)
+
+
+_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def write_dicom_seg(path: str | Path, labels: np.ndarray, folder: str | Path, model_name: str,
+                    version: str) -> None:
+    """Writes a DICOM Segmentation (binary, one segment per organ, segment number = our label
+    value) of labels over the series in folder, atomically. labels: uint8 (X, Y, Z) on the grid
+    read_dicom_series gives for that folder; frame k lies on the k-th slice along the normal and
+    references it. Slices without any organ are left out (the standard allows it; viewers place
+    each frame by its position); an all-background mask keeps every frame, so it opens too."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from utils import LABELS, atomic_write
+
+    slices = sorted_slices(folder)
+    sources = [pydicom.dcmread(p) for p, _ in slices]
+    for ds in sources:  # type 2 attributes the SEG copies; anonymisation often strips them
+        for keyword in _PATIENT_STUDY:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    frames = np.ascontiguousarray(np.asarray(labels, dtype=np.uint8).transpose(2, 1, 0))  # (slice, row, column)
+    if frames.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
+        raise UserError(f"{folder}: the mask's shape {labels.shape} is not this series' grid; segment the series itself")
+    algorithm = hd.AlgorithmIdentificationSequence(name="abdomen-vnet", family=codes.cid7162.ArtificialIntelligence,
+                                                   version=version, parameters={"checkpoint": model_name})
+    category = _sct(*SCT_ANATOMICAL_STRUCTURE)
+    segments = []
+    for value, organ in sorted(LABELS.items()):
+        if value == 0:
+            continue
+        (code, meaning), modifier = SCT_ORGANS[organ]
+        description = hd.seg.SegmentDescription(
+            segment_number=value, segment_label=organ.replace("_", " "), segmented_property_category=category,
+            segmented_property_type=_sct(code, meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
+        if modifier is not None:
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                _sct(*modifier)]
+        segments.append(description)
+    source = sources[0]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments, series_instance_uid=hd.UID(),
+        series_number=int(getattr(source, "SeriesNumber", 0) or 0) + 1000, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="abdomen-vnet", manufacturer_model_name=model_name,
+        software_versions=version, device_serial_number="none", content_label="ORGANS",
+        content_description="Liver, kidneys and spleen (abdomen-vnet)", series_description="abdomen-vnet organs",
+        omit_empty_frames=bool(frames.any()))
+    atomic_write(Path(path), lambda tmp: seg.save_as(tmp, enforce_file_format=True))

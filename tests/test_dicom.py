@@ -28,7 +28,7 @@ def write_series(folder, hu, row_dir, col_dir, pixel_spacing, slice_step, origin
 
     folder.mkdir(parents=True, exist_ok=True)
     normal = np.cross(row_dir, col_dir)
-    series, study = generate_uid(), generate_uid()
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
     order = list(range(hu.shape[2]))
     random.Random(0).shuffle(order)
     for n, k in enumerate(order):
@@ -42,7 +42,9 @@ def write_series(folder, hu, row_dir, col_dir, pixel_spacing, slice_step, origin
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality = "CT"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.StudyDate, ds.StudyTime = "Phantom^One", "PH001", "20260101", "120000"
+        ds.SeriesNumber = 3
         ds.InstanceNumber = n + 1  # deliberately not the slice order
         ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
         ds.PixelSpacing = [f"{pixel_spacing[0]:g}", f"{pixel_spacing[1]:g}"]
