@@ -17,9 +17,10 @@ folder input, a folder of them named after the inputs (CASE_0000.nii.gz -> CASE.
 each mask, a quick-look PNG (axial, coronal, sagittal; --no-png to skip). An existing output is
 replaced only with --overwrite.
 
-Checkpoint: --checkpoint, else the newest best.pt under checkpoints/ (any depth) or shipped
-checkpoints/*.pt. Its preprocessing (orientation, spacing, intensity normalisation) is applied on
-the way in and undone exactly on the way out.
+Model: the shipped checkpoints/phantom_small.pt (its card: docs/MODEL_CARD.md), whatever train.py
+has written since; --checkpoint FILE, or a run folder for its best.pt. The first line printed
+names the model and its card. Its preprocessing (orientation, spacing, intensity normalisation)
+is applied on the way in and undone exactly on the way out.
 
 Method: Gaussian-weighted sliding windows on the preprocessed grid (--window: by default the
 training patch enlarged to 160 voxels a side, for speed: fewer voxels computed twice; --overlap,
@@ -84,7 +85,9 @@ from utils import (
     spacing_of,
 )
 
-CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+ROOT = Path(__file__).resolve().parent
+SHIPPED = ROOT / "checkpoints" / "phantom_small.pt"
+MODEL_CARD = ROOT / "docs" / "MODEL_CARD.md"
 # Default window side (voxels): a window larger than the training patch computes far fewer voxels
 # twice over at the same overlap (2.6x fewer than 96^3 windows on a 1.5 mm abdomen), and the network
 # is fully convolutional; train.py validates with windows of up to three patches a side too.
@@ -110,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, DICOM series folder, "
                    "or folder of DICOM series folders")
     p.add_argument("--output", required=True, help="output .nii.gz for one scan, or a folder")
-    p.add_argument("--checkpoint", default="", help="checkpoint (default: newest best.pt or *.pt under checkpoints/)")
+    p.add_argument("--checkpoint", default="", help="checkpoint file, or a train.py run folder (its best.pt) "
+                   "(default: the shipped checkpoints/phantom_small.pt, never a newer run)")
     p.add_argument("--label", default="", help="reference label map (file, or folder matched by case name) "
                    "to compute metrics (default: none)")
     p.add_argument("--label-map", default="identity", choices=sorted(LABEL_MAPS),
@@ -247,14 +251,31 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def find_checkpoint(root: Path = CHECKPOINTS) -> Path:
-    """The newest (by modification time) best.pt under root, at any depth, or root/*.pt."""
-    found = set(root.rglob("best.pt")) | set(root.glob("*.pt")) if root.is_dir() else set()
-    found = [p for p in found if p.is_file()]
-    if not found:
-        raise UserError(f"no checkpoint found under {root} (a run's best.pt or a shipped *.pt): "
-                        f"train one with python train.py or pass --checkpoint")
-    return max(found, key=lambda p: p.stat().st_mtime)
+def resolve_checkpoint(text: str) -> Path:
+    """--checkpoint -> a checkpoint file: "" is the shipped model (a run of train.py never replaces
+    it silently), a folder is a train.py run and gives its best.pt."""
+    if not text:
+        if not SHIPPED.is_file():
+            raise UserError(f"{SHIPPED}: the shipped model is missing; restore it (git checkout {SHIPPED.name}) or "
+                            f"pass --checkpoint")
+        return SHIPPED
+    path = Path(text)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise UserError(f"--checkpoint {path}: a folder without best.pt; pass a train.py run folder or a "
+                            f"checkpoint file")
+        return path / "best.pt"
+    return path
+
+
+def model_card(ckpt: dict, checkpoint: Path) -> str:
+    """Where the model's card is: the checkpoint's own "model_card" field, else docs/MODEL_CARD.md
+    for the shipped model, else a pointer to the run's record."""
+    if ckpt.get("model_card"):
+        return str(ckpt["model_card"])
+    if checkpoint.resolve() == SHIPPED.resolve():
+        return str(MODEL_CARD.relative_to(ROOT))
+    return f"none (a train.py run: its train_config and metrics are in {checkpoint.name} and its folder)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +437,7 @@ class Segmenter:
             fold_batchnorm(model)
             model.to(device).to(memory_format=torch.channels_last_3d)
         self.checkpoint = checkpoint
+        self.card = model_card(ckpt, checkpoint)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The members' softmax probabilities, averaged; each member sees the window in its own
@@ -647,14 +669,15 @@ def main(args: argparse.Namespace) -> dict:
     device = d.device
     configure_torch(device)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // d.local_world))
-    seg = Segmenter(Path(args.checkpoint) if args.checkpoint else d.on_main(find_checkpoint), device,
+    seg = Segmenter(resolve_checkpoint(args.checkpoint), device,
                     parse_window(args.window), args.overlap, args.sw_batch,
                     args.tta_axes if args.tta else None, args.amp)
     cases[0].output.parent.mkdir(exist_ok=True)  # a batch's output folder, made once the model is ready
     if not args.quiet and d.main:
         mirrors = f", TTA {1 + len(seg.mirrors)} passes" if seg.mirrors else ""
         ranks = f" x {d.world} processes" if d.enabled else ""
-        print(f"checkpoint {seg.checkpoint}; {device}{ranks}; grid {'x'.join(f'{s:g}' for s in seg.prep.spacing)} mm "
+        print(f"model {seg.checkpoint} (card: {seg.card})")
+        print(f"{device}{ranks}; grid {'x'.join(f'{s:g}' for s in seg.prep.spacing)} mm "
               f"{seg.prep.orientation}; window {'x'.join(map(str, seg.roi))}, overlap {args.overlap}{mirrors}; "
               f"{len(cases)} scan(s)")
 

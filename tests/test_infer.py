@@ -354,21 +354,42 @@ def test_cli_error_exit_code_and_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "none.nii.gz" in r.stderr
 
 
-def test_default_checkpoint_is_the_newest(tmp_path):
-    import os
+def test_checkpoint_argument_takes_a_run_folder(tmp_path):
+    assert infer.resolve_checkpoint("") == infer.SHIPPED
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(UserError, match="folder without best.pt"):
+        infer.resolve_checkpoint(str(run))
+    make_checkpoint(run / "best.pt")
+    assert infer.resolve_checkpoint(str(run)) == run / "best.pt"
+    assert infer.resolve_checkpoint(str(run / "best.pt")) == run / "best.pt"
+    assert infer.model_card({}, infer.SHIPPED) == "docs/MODEL_CARD.md"
+    assert infer.model_card({"model_card": "https://example.org/card"}, run / "best.pt") == "https://example.org/card"
+    assert infer.model_card({}, run / "best.pt").startswith("none (a train.py run")
 
-    with pytest.raises(UserError, match="train one with python train.py or pass --checkpoint"):
-        infer.find_checkpoint(tmp_path)
-    (tmp_path / "run1").mkdir()
-    old = make_checkpoint(tmp_path / "run1" / "best.pt")
-    shipped = make_checkpoint(tmp_path / "shipped.pt")
-    (tmp_path / "run2" / "deep").mkdir(parents=True)
-    new = make_checkpoint(tmp_path / "run2" / "deep" / "best.pt")
-    for i, p in enumerate([old, shipped, new]):
-        os.utime(p, (1e9 + i, 1e9 + i))
-    assert infer.find_checkpoint(tmp_path) == new
-    os.utime(shipped, (2e9, 2e9))
-    assert infer.find_checkpoint(tmp_path) == shipped
+
+def test_fresh_clone_after_training_uses_the_shipped_model(tiny_dataset, scan, tmp_path):
+    """A clone, then python train.py (a tiny run into checkpoints/RUN/best.pt), then python infer.py:
+    the shipped model is used, and named with its card."""
+    import shutil
+
+    from test_train import FAST
+
+    clone = tmp_path / "clone"
+    (clone / "checkpoints").mkdir(parents=True)
+    (clone / "docs").mkdir()
+    for module in ROOT.glob("*.py"):
+        shutil.copy(module, clone)
+    shutil.copy(infer.SHIPPED, clone / "checkpoints")
+    shutil.copy(infer.MODEL_CARD, clone / "docs")
+    r = subprocess.run([sys.executable, "train.py", *FAST, "--data", str(tiny_dataset), "--epochs", "1",
+                        "--run", "mine"], cwd=clone, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (clone / "checkpoints" / "mine" / "best.pt").is_file()
+    r = subprocess.run([sys.executable, "infer.py", "--input", str(scan[0]), "--output", str(tmp_path / "a.nii.gz"),
+                        "--device", "cpu", "--no-png"], cwd=clone, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == f"model {clone / 'checkpoints' / 'phantom_small.pt'} (card: docs/MODEL_CARD.md)"
 
 
 # ---------------------------------------------------------------------------------------------
