@@ -17,6 +17,11 @@ folder input, a folder of them named after the inputs (CASE_0000.nii.gz -> CASE.
 each mask, a quick-look PNG (axial, coronal, sagittal; --no-png to skip). An existing output is
 replaced only with --overwrite.
 
+Statistics, for every scan (no reference needed): beside each mask, MASK_STEM_statistics.json with
+per organ the voxel count, volume (mL: voxels x the affine's |det|), mean and median HU and the
+bounding box in mm (RAS+ world of the mask's affine: metrics.organ_statistics); for a folder,
+OUTPUT_FOLDER/statistics.csv with a row per case.
+
 Model: the shipped checkpoints/phantom_small.pt (its card: docs/MODEL_CARD.md), whatever train.py
 has written since; --checkpoint FILE, or a run folder for its best.pt. The first line printed
 names the model and its card. Its preprocessing (orientation, spacing, intensity normalisation)
@@ -52,6 +57,7 @@ every process exits with 1 when any scan failed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -69,6 +75,7 @@ from utils import (
     NUM_CLASSES,
     Preprocessing,
     UserError,
+    atomic_write,
     check_writable_folder,
     checkpoint_members,
     configure_torch,
@@ -153,6 +160,7 @@ class Case:
     output: Path
     label: Path | None = None
     png: Path | None = None
+    statistics: Path | None = None  # the per-case statistics JSON
     error: str = ""  # set when the case cannot run (e.g. its output exists)
 
 
@@ -219,15 +227,17 @@ def collect_cases(args: argparse.Namespace) -> tuple[list[Case], bool]:
         outputs = [out / f"{n}.nii.gz" for n in names]
         pngs = [out / f"{n}.png" for n in names]
 
-    cases = [Case(case_name(s), s, o, png=p if args.png else None) for s, o, p in zip(sources, outputs, pngs)]
+    cases = [Case(case_name(s), s, o, png=p if args.png else None,
+                  statistics=o.with_name(case_name(o) + "_statistics.json")) for s, o, p in zip(sources, outputs, pngs)]
     for c in cases:
         if c.output.resolve() == c.source.resolve():
             raise UserError(f"{c.output}: is the input scan itself; choose another --output")
     if args.label:
         attach_references(cases, Path(args.label))
     for c in cases:
-        if c.output.exists() and not args.overwrite:
-            c.error = f"{c.output}: exists; pass --overwrite to replace it"
+        existing = [p for p in (c.output, c.statistics) if p.exists()]
+        if existing and not args.overwrite:
+            c.error = f"{existing[0]}: exists; pass --overwrite to replace it"
     return cases, single
 
 
@@ -605,7 +615,7 @@ def describe(hu: np.ndarray, affine: np.ndarray) -> str:
 def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
     """Segments one scan and writes its outputs; returns timings (s), organ volumes (mL) and
     metrics (when a reference is given)."""
-    from metrics import format_table, organ_metrics, voxel_volume_ml
+    from metrics import BBOX_CONVENTION, format_table, organ_metrics, organ_statistics, voxel_volume_ml
 
     timer = Timer()
     hu, affine, header = read_scan(case.source)
@@ -622,10 +632,13 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
 
         save_quicklook(case.png, hu, labels, affine, title=f"{case.name}  ({describe(hu, affine)})")
         timer.lap("png")
-    voxel_ml = voxel_volume_ml(affine)  # |det|: right on a gantry-tilted (sheared) grid too
-    counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
-    volumes = {LABELS[v]: round(float(counts[v]) * voxel_ml, 1) for v in range(1, NUM_CLASSES)}
-    result = {"output": str(case.output), "volumes_ml": volumes}
+    stats = organ_statistics(labels, hu, affine)
+    report = {"case": case.name, "scan": str(case.source), "mask": str(case.output),
+              "voxel_volume_ml": voxel_volume_ml(affine), "bbox_convention": BBOX_CONVENTION,
+              "organs": stats}
+    atomic_write(case.statistics, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    volumes = {organ: round(s["volume_ml"], 1) for organ, s in stats.items()}
+    result = {"output": str(case.output), "volumes_ml": volumes, "statistics": stats}
     if ref is not None:
         result["metrics"] = organ_metrics(labels, ref, affine, args.tolerance)
         timer.lap("metrics")
@@ -663,6 +676,9 @@ def main(args: argparse.Namespace) -> dict:
                     if p.exists()]
         if existing and not args.overwrite:
             raise UserError(f"{existing[0]}: exists; pass --overwrite to replace it (or --metrics PREFIX)")
+    statistics_csv = None if single else cases[0].output.parent / "statistics.csv"
+    if statistics_csv is not None and statistics_csv.exists() and not args.overwrite:
+        raise UserError(f"{statistics_csv}: exists; pass --overwrite to replace it")
     if single and cases[0].error:
         raise UserError(cases[0].error)
     d = distributed.setup(args.device)
@@ -717,6 +733,13 @@ def main(args: argparse.Namespace) -> dict:
                 raise SystemExit(1)
             return {"cases": results, "failed": failed, "metrics_files": []}
     summary = {"cases": results, "failed": failed, "metrics_files": []}
+    if statistics_csv is not None and results:
+        from metrics import write_statistics_csv
+
+        summary["statistics_file"] = str(write_statistics_csv({n: r["statistics"] for n, r in results.items()},
+                                                              statistics_csv))
+        if not args.quiet:
+            print(f"statistics: {statistics_csv} (and CASE_statistics.json beside each mask)")
     scored = {n: r["metrics"] for n, r in results.items() if "metrics" in r}
     if scored and prefix is not None:
         from metrics import format_table, mean_row, write_reports

@@ -25,6 +25,11 @@ Volume difference in % is null when the reference is empty.
 
 Everything is computed inside the bounding box of the two masks of an organ, which holds both
 surfaces, so the result is exact and costs the organ's size, not the scan's.
+
+Statistics (no reference needed, organ_statistics): per organ the voxel count, volume (count x
+|det| of the affine's 3x3 part, mL), mean and median HU, and the bounding box in mm: the smallest
+box, aligned with the world axes, that holds the organ's voxel centres, in the NIfTI affine's RAS+
+world (x towards the patient's right, y anterior, z superior; DICOM's LPS negates x and y).
 """
 
 from __future__ import annotations
@@ -254,3 +259,64 @@ def write_reports(cases: dict[str, dict[str, dict]], prefix: str | Path, toleran
     }
     atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     return csv_path, json_path
+
+
+STATISTICS: list[str] = ["voxels", "volume_ml", "mean_hu", "median_hu", "bbox_min_mm", "bbox_max_mm"]
+BBOX_CONVENTION = ("RAS+ world mm of the mask's affine (x towards the patient's right, y anterior, z superior): "
+                   "the smallest world-axis-aligned box that holds the organ's voxel centres")
+
+
+def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> dict[str, dict]:
+    """Per organ of a label map (X, Y, Z) on the CT's grid (hu (X, Y, Z), HU; affine (4, 4), mm):
+    voxels (int), volume_ml (voxels x |det(affine[:3, :3])| / 1000), mean_hu and median_hu, and
+    bbox_min_mm / bbox_max_mm ([x, y, z], BBOX_CONVENTION). An absent organ has 0 voxels, 0 mL and
+    null HU and box."""
+    affine = np.asarray(affine, dtype=np.float64)
+    voxel_ml = voxel_volume_ml(affine)
+    boxes = ndimage.find_objects(labels, max_label=len(ORGANS))
+    stats = {}
+    for value, organ in enumerate(ORGANS, start=1):
+        box = boxes[value - 1]
+        if box is None:
+            stats[organ] = {"voxels": 0, "volume_ml": 0.0, "mean_hu": None, "median_hu": None, "bbox_min_mm": None,
+                            "bbox_max_mm": None}
+            continue
+        values = np.asarray(hu[box][labels[box] == value], dtype=np.float64)
+        # The index box's eight corner voxel centres bound the organ's centres in the world, oblique grids included.
+        ends = [(s.start, s.stop - 1) for s in box]
+        corners = np.array(np.meshgrid(*ends, indexing="ij")).reshape(3, -1)
+        world = affine[:3, :3] @ corners + affine[:3, 3:]
+        stats[organ] = {"voxels": int(values.size), "volume_ml": values.size * voxel_ml,
+                        "mean_hu": float(values.mean()), "median_hu": float(np.median(values)),
+                        "bbox_min_mm": world.min(1).tolist(), "bbox_max_mm": world.max(1).tolist()}
+    return stats
+
+
+def statistics_columns() -> list[str]:
+    """The statistics CSV's header: case, then organ_stat, the boxes as _x/_y/_z columns."""
+    columns = ["case"]
+    for organ in ORGANS:
+        for stat in STATISTICS:
+            columns += ([f"{organ}_{stat}"] if not stat.startswith("bbox") else
+                        [f"{organ}_{stat[:-3]}_{axis}_mm" for axis in "xyz"])
+    return columns
+
+
+def write_statistics_csv(cases: dict[str, dict[str, dict]], path: str | Path) -> Path:
+    """path (CSV, a row per case, columns statistics_columns(); absent values empty), atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(statistics_columns())
+    for name, organs in cases.items():
+        cells: list[str] = [name]
+        for organ in ORGANS:
+            for stat in STATISTICS:
+                v = organs[organ][stat]
+                if stat.startswith("bbox"):
+                    cells += [""] * 3 if v is None else [repr(float(c)) for c in v]
+                else:
+                    cells.append("" if v is None else str(v))
+        w.writerow(cells)
+    text = buf.getvalue()
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    return Path(path)

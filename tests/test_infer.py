@@ -305,9 +305,62 @@ def test_folder_with_a_bad_case_continues(ckpt, scan, tmp_path):
         run(["--input", str(src), "--output", str(out), "--checkpoint", str(ckpt), "--no-png", "--label", str(refs),
              "--metrics", str(tmp_path / "scores")])
     assert_on_input_grid(out / "good.nii.gz", image)
-    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz", "good_statistics.json", "statistics.csv"]
     rows = (tmp_path / "scores.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["good", "mean"]
+
+
+def test_statistics_for_every_scan_without_reference(ckpt, scan, tmp_path):
+    """A folder of three scans (one oblique, one anisotropic), no --label: a JSON beside each mask
+    and one CSV, volumes = voxel counts x |det(affine)|, HU and boxes from the CT itself."""
+    import csv
+    import json
+
+    from metrics import STATISTICS, statistics_columns
+
+    img = nib.load(scan[0])
+    hu = np.asarray(img.dataobj)
+    src = tmp_path / "in"
+    src.mkdir()
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(0.4), -np.sin(0.4)], [np.sin(0.4), np.cos(0.4)]]
+    stretch = np.diag([1.0, 1.0, 1.5, 1.0])
+    for name, affine in [("a", img.affine), ("oblique", turn @ img.affine), ("thick", img.affine @ stretch)]:
+        nib.save(nib.Nifti1Image(hu, affine), src / f"{name}_0000.nii.gz")
+    out = tmp_path / "out"
+    summary = run(["--input", str(src), "--output", str(out), "--checkpoint", str(ckpt), "--no-png"])
+    rows = list(csv.DictReader((out / "statistics.csv").open()))
+    assert list(rows[0]) == statistics_columns() and [r["case"] for r in rows] == ["a", "oblique", "thick"]
+    assert summary["statistics_file"] == str(out / "statistics.csv")
+    found = 0
+    for row in rows:
+        mask = nib.load(out / f"{row['case']}.nii.gz")
+        labels, affine = np.asarray(mask.dataobj), mask.affine
+        voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
+        report = json.loads((out / f"{row['case']}_statistics.json").read_text())
+        assert report["voxel_volume_ml"] == pytest.approx(voxel_ml)
+        for value, organ in enumerate(("liver", "right_kidney", "left_kidney", "spleen"), start=1):
+            stats = report["organs"][organ]
+            assert set(stats) == set(STATISTICS)
+            inside = labels == value
+            assert stats["voxels"] == int(row[f"{organ}_voxels"]) == int(inside.sum())
+            assert stats["volume_ml"] == pytest.approx(inside.sum() * voxel_ml, rel=1e-12)
+            assert float(row[f"{organ}_volume_ml"]) == pytest.approx(stats["volume_ml"], rel=1e-12)
+            if not inside.any():
+                assert stats["mean_hu"] is None and row[f"{organ}_bbox_min_x_mm"] == ""
+                continue
+            assert stats["mean_hu"] == pytest.approx(hu[inside].mean())
+            assert stats["median_hu"] == pytest.approx(np.median(hu[inside]))
+            centres = nib.affines.apply_affine(affine, np.argwhere(inside))
+            found += 1
+            if row["case"] == "oblique":  # the world box of the index box's corners: it holds every centre
+                assert np.all(np.array(stats["bbox_min_mm"]) <= centres.min(0) + 1e-6)
+                assert np.all(np.array(stats["bbox_max_mm"]) >= centres.max(0) - 1e-6)
+            else:
+                np.testing.assert_allclose(stats["bbox_min_mm"], centres.min(0), atol=1e-6)
+                np.testing.assert_allclose(stats["bbox_max_mm"], centres.max(0), atol=1e-6)
+            np.testing.assert_allclose([float(row[f"{organ}_bbox_max_{a}_mm"]) for a in "xyz"], stats["bbox_max_mm"])
+    assert found >= 6  # organs to measure in every case
 
 
 @pytest.mark.parametrize("problem", ["missing", "2d", "other_model", "corrupt", "state_dict", "missing_folder",
