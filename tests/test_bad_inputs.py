@@ -235,7 +235,7 @@ def test_infer_unusual_but_valid_scan(kind, f, ck, tmp_path, capsys):
     # A constant image is not HU-like and a NaN voxel is damage: one warning line each, nothing else.
     assert len(err) == (1 if kind in ("constant", "nan") else 0), err
     assert all(line.startswith("warning: ") and str(f[kind]) in line for line in err)
-    assert files_in(tmp_path) == ["seg.nii.gz"]
+    assert files_in(tmp_path) == ["seg.nii.gz", "seg_statistics.json"]
 
 
 def test_infer_refuses_pickled_code_without_running_it(f, ck, tmp_path):
@@ -260,7 +260,7 @@ def test_infer_folder_keeps_going_past_bad_scans(f, ck, tmp_path, capsys):
     code, _, err = cli(infer.main, infer.parse_args, ["--input", scans, "--output", out, "--checkpoint", ck["good"],
                                                       "--device", "cpu", "--no-png", "--quiet"], capsys)
     assert code == 1, err
-    assert files_in(out) == ["constant.nii.gz", "ct.nii.gz"]
+    assert files_in(out) == ["constant.nii.gz", "ct.nii.gz", "ct_statistics.json", "statistics.csv"]
     same_grid(out / "ct.nii.gz", f["ct"])
     assert (out / "constant.nii.gz").read_bytes() == b"earlier result"
     assert err[-1] == "error: 3 of 4 scans failed (listed above)"

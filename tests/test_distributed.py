@@ -137,8 +137,11 @@ def test_inference_splits_a_folder_between_ranks(tmp_path):
             "--device", "cpu"]
     r = torchrun("infer.py", args, tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["case1.nii.gz", "case2.nii.gz", "case3.nii.gz", "metrics.csv",
-                                                     "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"case{i}{suffix}" for i in (1, 2, 3) for suffix in (".nii.gz", "_statistics.json")]
+        + ["metrics.csv", "metrics.json", "statistics.csv"])
+    assert [row.split(",")[0] for row in (out / "statistics.csv").read_text().splitlines()[1:]] == [
+        "case1", "case2", "case3"]
     rows = (out / "metrics.csv").read_text().splitlines()
     assert sorted({row.split(",")[0] for row in rows[1:]}) == ["case1", "case2", "case3", "mean"]
     assert r.stdout.count("3 of 4 scans segmented") == 1  # rank 0's summary, once
