@@ -692,7 +692,8 @@ def main(args: argparse.Namespace) -> dict:
     if not args.quiet and d.main:
         mirrors = f", TTA {1 + len(seg.mirrors)} passes" if seg.mirrors else ""
         ranks = f" x {d.world} processes" if d.enabled else ""
-        print(f"model {seg.checkpoint} (card: {seg.card})")
+        members = f", an ensemble of {len(seg.models)}" if len(seg.models) > 1 else ""
+        print(f"model {seg.checkpoint}{members} (card: {seg.card})")
         print(f"{device}{ranks}; grid {'x'.join(f'{s:g}' for s in seg.prep.spacing)} mm "
               f"{seg.prep.orientation}; window {'x'.join(map(str, seg.roi))}, overlap {args.overlap}{mirrors}; "
               f"{len(cases)} scan(s)")
