@@ -37,6 +37,11 @@ checkpoint was trained mirroring (or --tta-axes), the kidney channels swapped ba
 mirrors; a checkpoint trained without mirroring (the shipped one) refuses --tta alone. Mixed
 precision on CUDA.
 
+Warnings: a scan too short head to feet to hold the organs (under 100 mm), an organ cut at its
+top or bottom edge, or an uncut organ implausibly small (a 2 mL "spleen") is named in one line
+"warning: CASE: check the masks: ..." on stderr and in "warnings" of the statistics JSON (and of
+the metrics JSON); the exit code stays 0.
+
 Metrics (--label): per organ Dice, precision, recall, volumes (mL), volume difference, HD95 (mm)
 and normalised surface Dice at --tolerance mm, in physical spacing (metrics.py documents empty
 masks: both empty scores 1 / HD95 0; one empty scores 0 / HD95 inf, null in JSON). A table on
@@ -601,6 +606,45 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
+# What a scan must hold for its masks to be trusted (the warnings of coverage_warnings). Liver
+# dome to the right kidney's lower pole spans about 200 mm in adults; a scan under 100 mm cannot
+# hold the four organs. Below these volumes (mL) an organ that the scan does not cut is implausible
+# (the smallest adult organs are several times larger; an atrophic kidney keeps 30-60 mL): likely a
+# fragment of something else, such as the 2 mL "spleen" inside the liver dome of a cropped scan.
+MIN_EXTENT_MM = 100.0
+MIN_ORGAN_ML = {"liver": 200.0, "right_kidney": 15.0, "left_kidney": 15.0, "spleen": 15.0}
+MIN_CUT_MM2 = 100.0  # an organ's cross-section in the first or last slice that counts as cut, mm^2
+
+
+def coverage_warnings(labels: np.ndarray, affine: np.ndarray, volumes: dict[str, float]) -> list[str]:
+    """Why a scan's masks may not be trusted: the scan too short head to feet to hold the organs,
+    an organ cut at its top or bottom edge (it extends beyond the scan: its mask and volume are
+    partial), an uncut organ implausibly small (MIN_ORGAN_ML). labels (X, Y, Z) uint8 on the input
+    grid, affine its RAS mm, volumes in mL by organ name. Empty when nothing is suspect."""
+    from nibabel.orientations import io_orientation
+
+    orient = io_orientation(affine)
+    axis = int(np.flatnonzero(orient[:, 0] == 2)[0])  # the voxel axis nearest head-to-feet
+    up = orient[axis, 1] > 0  # higher index is higher in the body
+    step = float(np.linalg.norm(affine[:3, axis]))
+    found = []
+    extent = labels.shape[axis] * step
+    if extent < MIN_EXTENT_MM:
+        found.append(f"the scan spans only {extent:.0f} mm head to feet (liver, kidneys and spleen span about 200)")
+    pixel_mm2 = abs(float(np.linalg.det(affine[:3, :3]))) / step
+    cut = set()
+    for edge, index in (("top", -1 if up else 0), ("bottom", 0 if up else -1)):
+        area = np.bincount(np.take(labels, index, axis=axis).ravel(), minlength=NUM_CLASSES) * pixel_mm2
+        for value in range(1, NUM_CLASSES):
+            if area[value] >= MIN_CUT_MM2:
+                cut.add(LABELS[value])
+                found.append(f"{LABELS[value].replace('_', ' ')} cut at the {edge} edge (its volume is a lower bound)")
+    for organ, ml in volumes.items():
+        if 0 < ml < MIN_ORGAN_ML[organ] and organ not in cut:
+            found.append(f"{organ.replace('_', ' ')} {ml:.{0 if ml >= 1 else 1}f} mL: likely spurious")
+    return found
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -633,12 +677,15 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
         save_quicklook(case.png, hu, labels, affine, title=f"{case.name}  ({describe(hu, affine)})")
         timer.lap("png")
     stats = organ_statistics(labels, hu, affine)
+    volumes = {organ: round(s["volume_ml"], 1) for organ, s in stats.items()}
+    warnings = coverage_warnings(labels, affine, volumes)
+    if warnings:
+        warn(f"{case.name}: check the masks: {'; '.join(warnings)}")
     report = {"case": case.name, "scan": str(case.source), "mask": str(case.output),
               "voxel_volume_ml": voxel_volume_ml(affine), "bbox_convention": BBOX_CONVENTION,
-              "organs": stats}
+              "organs": stats, "warnings": warnings}
     atomic_write(case.statistics, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-    volumes = {organ: round(s["volume_ml"], 1) for organ, s in stats.items()}
-    result = {"output": str(case.output), "volumes_ml": volumes, "statistics": stats}
+    result = {"output": str(case.output), "volumes_ml": volumes, "statistics": stats, "warnings": warnings}
     if ref is not None:
         result["metrics"] = organ_metrics(labels, ref, affine, args.tolerance)
         timer.lap("metrics")
@@ -745,7 +792,8 @@ def main(args: argparse.Namespace) -> dict:
     if scored and prefix is not None:
         from metrics import format_table, mean_row, write_reports
 
-        files = write_reports(scored, prefix, args.tolerance)
+        files = write_reports(scored, prefix, args.tolerance,
+                              {n: r["warnings"] for n, r in results.items() if n in scored and r.get("warnings")})
         summary["metrics_files"] = [str(f) for f in files]
         if not args.quiet:
             if len(scored) > 1:

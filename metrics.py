@@ -221,9 +221,11 @@ def _json_value(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else round(float(v), 6)
 
 
-def write_reports(cases: dict[str, dict[str, dict]], prefix: str | Path, tolerance: float) -> tuple[Path, Path]:
+def write_reports(cases: dict[str, dict[str, dict]], prefix: str | Path, tolerance: float,
+                  warnings: dict[str, list[str]] | None = None) -> tuple[Path, Path]:
     """prefix.csv (a row per case, then a row "mean"; columns case, then organ_metric) and
-    prefix.json (the same, plus notes), written atomically. Returns both paths."""
+    prefix.json (the same, plus notes and each warned case's warnings: infer.coverage_warnings),
+    written atomically. Returns both paths."""
     prefix = Path(prefix)
     csv_path, json_path = prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".json")
     mean, finite_hd = mean_row(cases)
@@ -252,6 +254,7 @@ def write_reports(cases: dict[str, dict[str, dict]], prefix: str | Path, toleran
         "cases": {n: {o: {m: _json_value(v) for m, v in s.items()} for o, s in c.items()} for n, c in cases.items()},
         "mean": {o: {m: _json_value(v) for m, v in s.items()} for o, s in mean.items()},
         "hd95_cases_in_mean": finite_hd,
+        "warnings": warnings or {},
         "notes": ("An organ absent from both prediction and reference scores Dice, precision, recall and NSD 1, "
                   "HD95 0; absent from one only, 0 and HD95 infinite, written null here and 'inf' in the CSV. "
                   "Means are over finite values: hd95_cases_in_mean counts the cases in each HD95 mean. "

@@ -1,0 +1,84 @@
+"""Scans that cannot hold the organs: infer.py names what it found in a warning (a short scan, an organ
+cut at the top or bottom edge, an implausibly small organ) and still exits 0."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+from conftest import ROOT
+
+import infer
+from phantom import make_phantom
+from utils import LABELS, NUM_CLASSES
+
+SHIPPED = ROOT / "checkpoints" / "phantom_small.pt"
+
+
+def volumes_ml(label, affine):
+    counts = np.bincount(label.ravel(), minlength=NUM_CLASSES)
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
+    return {LABELS[v]: float(counts[v] * voxel_ml) for v in range(1, NUM_CLASSES)}
+
+
+def crop_z(array, affine, start, stop):
+    """Slices start:stop of the third axis, with the affine that keeps them in place."""
+    moved = affine.copy()
+    moved[:3, 3] += affine[:3, 2] * start
+    return np.ascontiguousarray(array[:, :, start:stop]), moved
+
+
+def dome_slices(label, mm, step):
+    """The slices of the liver's top `mm` and two above it (what a scan of the lung bases holds)."""
+    top = np.flatnonzero((label == 1).any((0, 1))).max()
+    return max(0, top + 1 - round(mm / step)), min(label.shape[2], top + 3)
+
+
+def warnings_of(label, affine):
+    return infer.coverage_warnings(label, affine, volumes_ml(label, affine))
+
+
+def test_coverage_warnings_name_what_the_scan_holds():
+    _, label, affine = make_phantom(21, spacing=(2.5, 2.5, 4.0))
+    assert warnings_of(label, affine) == []  # a whole abdomen
+    dome, dome_affine = crop_z(label, affine, *dome_slices(label, 32, 4.0))
+    found = warnings_of(dome, dome_affine)
+    assert found[0].startswith("the scan spans only ") and "liver cut at the bottom edge" in " ".join(found)
+    # The same crop stored feet-first (index 0 at the top): the edges keep their names.
+    flipped = affine.copy()
+    flipped[:3, 2] *= -1
+    flipped[:3, 3] = dome_affine[:3, 3] + dome_affine[:3, 2] * (dome.shape[2] - 1)
+    assert warnings_of(dome[:, :, ::-1], flipped) == found
+    kidneys = np.flatnonzero(np.isin(label, (2, 3)).any((0, 1)))
+    cut, cut_affine = crop_z(label, affine, (kidneys.min() + kidneys.max()) // 2, label.shape[2])
+    found = warnings_of(cut, cut_affine)
+    assert any(w.startswith(("right kidney cut at the bottom edge", "left kidney cut at the bottom edge"))
+               for w in found) and not any("top edge" in w or "spans only" in w for w in found), found
+    # No spleen but 2 mL labelled spleen inside the liver: what a model sees in a liver dome.
+    fake = np.where(label == 4, 0, label).astype(np.uint8)
+    x, y, z = (c.mean().astype(int) for c in np.nonzero(label == 1))
+    fake[x:x + 4, y:y + 4, z:z + 5] = 4  # 80 voxels of 25 mm^3
+    assert warnings_of(fake, affine) == ["spleen 2 mL: likely spurious"]
+
+
+def test_shipped_model_warns_on_a_liver_dome_and_exits_0(tmp_path):
+    """`python infer.py` on a folder holding a whole phantom and the top of another one (the liver's
+    top 32 mm and 8 mm above it): exit code 0, one warning line for the crop only, and its warnings in the metrics JSON."""
+    for folder in ("ct", "ref"):
+        (tmp_path / folder).mkdir()
+    hu, label, affine = make_phantom(21, spacing=(3.0, 3.0, 4.0))
+    start, stop = dome_slices(label, 32, 4.0)
+    dome_hu, dome_affine = crop_z(hu, affine, start, stop)
+    cases = {"full": (hu, label, affine), "dome": (dome_hu, crop_z(label, affine, start, stop)[0], dome_affine)}
+    for name, (h, lab, a) in cases.items():
+        nib.save(nib.Nifti1Image(h, a), tmp_path / "ct" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, a), tmp_path / "ref" / f"{name}.nii.gz")
+    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--input", str(tmp_path / "ct"), "--output",
+                        str(tmp_path / "out"), "--label", str(tmp_path / "ref"), "--checkpoint", str(SHIPPED),
+                        "--no-png", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (line,) = [w for w in r.stderr.splitlines() if w.startswith("warning:")]
+    assert line.startswith("warning: dome: check the masks: the scan spans only 40 mm head to feet"), line
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(report["warnings"]) == ["dome"] and report["warnings"]["dome"][0] in line
