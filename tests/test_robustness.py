@@ -82,3 +82,6 @@ def test_shipped_model_warns_on_a_liver_dome_and_exits_0(tmp_path):
     assert line.startswith("warning: dome: check the masks: the scan spans only 40 mm head to feet"), line
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert list(report["warnings"]) == ["dome"] and report["warnings"]["dome"][0] in line
+    for name in ("full", "dome"):
+        stats = json.loads((tmp_path / "out" / f"{name}_statistics.json").read_text())
+        assert stats["warnings"] == report["warnings"].get(name, [])
