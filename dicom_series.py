@@ -197,19 +197,24 @@ _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", 
                   "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def write_dicom_seg(path: str | Path, labels: np.ndarray, folder: str | Path, model_name: str,
-                    version: str) -> None:
-    """Writes a DICOM Segmentation (binary, one segment per organ, segment number = our label
-    value) of labels over the series in folder, atomically. labels: uint8 (X, Y, Z) on the grid
+def dicom_seg(labels: np.ndarray, folder: str | Path, model_name: str, version: str):
+    """A DICOM Segmentation (highdicom, binary, one segment per organ, segment number = our label
+    value) of labels over the series in folder, ready to save. labels: uint8 (X, Y, Z) on the grid
     read_dicom_series gives for that folder; frame k lies on the k-th slice along the normal and
     references it. Slices without any organ are left out (the standard allows it; viewers place
-    each frame by its position); an all-background mask keeps every frame, so it opens too."""
-    import highdicom as hd
+    each frame by its position); an all-background mask keeps every frame, so it opens too.
+    Raises UserError when highdicom is missing or the series' headers cannot make a SEG."""
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise UserError("a DICOM SEG output needs highdicom: pip install highdicom (or pass --output-type nifti)"
+                        ) from None
     import pydicom
     from pydicom.sr.codedict import codes
 
-    from utils import LABELS, atomic_write
+    from utils import LABELS, first_line
 
+    folder = Path(folder)
     slices = sorted_slices(folder)
     sources = [pydicom.dcmread(p) for p, _ in slices]
     for ds in sources:  # type 2 attributes the SEG copies; anonymisation often strips them
@@ -236,12 +241,15 @@ def write_dicom_seg(path: str | Path, labels: np.ndarray, folder: str | Path, mo
                 _sct(*modifier)]
         segments.append(description)
     source = sources[0]
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segments, series_instance_uid=hd.UID(),
-        series_number=int(getattr(source, "SeriesNumber", 0) or 0) + 1000, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="abdomen-vnet", manufacturer_model_name=model_name,
-        software_versions=version, device_serial_number="none", content_label="ORGANS",
-        content_description="Liver, kidneys and spleen (abdomen-vnet)", series_description="abdomen-vnet organs",
-        omit_empty_frames=bool(frames.any()))
-    atomic_write(Path(path), lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+    try:
+        return hd.seg.Segmentation(
+            source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=segments, series_instance_uid=hd.UID(),
+            series_number=int(getattr(source, "SeriesNumber", 0) or 0) + 1000, sop_instance_uid=hd.UID(),
+            instance_number=1, manufacturer="abdomen-vnet", manufacturer_model_name=model_name,
+            software_versions=version, device_serial_number="none", content_label="ORGANS",
+            content_description="Liver, kidneys and spleen (abdomen-vnet)", series_description="abdomen-vnet organs",
+            omit_empty_frames=bool(frames.any()))
+    except (ValueError, TypeError, AttributeError) as e:  # highdicom's checks of the source headers
+        raise UserError(f"{folder}: cannot make a DICOM SEG of this series ({first_line(e)}); fix its headers, or "
+                        f"pass --output-type nifti for the NIfTI mask alone") from None

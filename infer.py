@@ -17,6 +17,14 @@ folder input, a folder of them named after the inputs (CASE_0000.nii.gz -> CASE.
 each mask, a quick-look PNG (axial, coronal, sagittal; --no-png to skip). An existing output is
 replaced only with --overwrite.
 
+DICOM SEG (--output-type; highdicom): for a DICOM series input, by default a DICOM Segmentation
+beside the NIfTI mask (OUTPUT_STEM.dcm; --output NAME.dcm or --output-type dicom-seg for the SEG
+alone, --output-type nifti for none). It references the source series and every slice, holds one
+binary segment per organ (segment number = label value) with its SNOMED CT code (DCMQI's and 3D
+Slicer's: liver 10200004; kidney 64033007 with the modifier right 24028007 or left 7771000;
+spleen 78961009) and the algorithm (abdomen-vnet, the checkpoint's name and hash), and a frame
+on each source slice that holds an organ. A NIfTI input has no series to reference: no SEG.
+
 Statistics, for every scan (no reference needed): beside each mask, MASK_STEM_statistics.json with
 per organ the voxel count, volume (mL: voxels x the affine's |det|), mean and median HU and the
 bounding box in mm (RAS+ world of the mask's affine: metrics.organ_statistics); for a folder,
@@ -62,6 +70,7 @@ every process exits with 1 when any scan failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -124,7 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 "evaluation, failure modes) in docs/MODEL_CARD.md.", formatter_class=_HelpFormatter)
     p.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, DICOM series folder, "
                    "or folder of DICOM series folders")
-    p.add_argument("--output", required=True, help="output .nii.gz for one scan, or a folder")
+    p.add_argument("--output", required=True, help="output .nii.gz for one scan (.dcm: a DICOM SEG alone, for a "
+                   "DICOM series), or a folder")
+    p.add_argument("--output-type", default="auto", choices=["auto", "nifti", "dicom-seg"],
+                   help="auto: the NIfTI mask, plus a DICOM SEG beside it (OUTPUT_STEM.dcm) for a DICOM series input; "
+                   "nifti: the NIfTI mask alone; dicom-seg: the DICOM SEG alone (DICOM series inputs only)")
     p.add_argument("--checkpoint", default="", help="checkpoint file, or a train.py run folder (its best.pt) "
                    "(default: the shipped checkpoints/phantom_small.pt, never a newer run)")
     p.add_argument("--label", default="", help="reference label map (file, or folder matched by case name) "
@@ -166,6 +179,8 @@ class Case:
     label: Path | None = None
     png: Path | None = None
     statistics: Path | None = None  # the per-case statistics JSON
+    nifti: bool = True  # write the NIfTI mask at output
+    dicom_seg: Path | None = None  # the DICOM SEG to write (DICOM series inputs)
     error: str = ""  # set when the case cannot run (e.g. its output exists)
 
 
@@ -214,9 +229,15 @@ def collect_cases(args: argparse.Namespace) -> tuple[list[Case], bool]:
     single = sources == [src]
 
     out = Path(args.output)
-    if single and is_nifti(out):
+    seg_only = out.suffix.lower() == ".dcm"
+    if seg_only and (not single or src.is_file()):
+        raise UserError(f"{out}: a .dcm output is the DICOM SEG of one DICOM series, and {src} is not one; pass a "
+                        f"{'folder' if not single else '.nii.gz file'} as --output")
+    if seg_only and args.output_type == "nifti":
+        raise UserError(f"{out}: a .dcm output with --output-type nifti; name a .nii.gz file as --output")
+    if single and (is_nifti(out) or seg_only):
         check_writable_folder(out.parent, out, "--output")
-        outputs = [out]
+        outputs = [out.with_suffix(".nii.gz")] if seg_only else [out]
         png_of = out.with_name(case_name(out) + ".png")
         pngs = [png_of]
     else:
@@ -239,8 +260,16 @@ def collect_cases(args: argparse.Namespace) -> tuple[list[Case], bool]:
             raise UserError(f"{c.output}: is the input scan itself; choose another --output")
     if args.label:
         attach_references(cases, Path(args.label))
+    kind = "dicom-seg" if seg_only else args.output_type
     for c in cases:
-        existing = [p for p in (c.output, c.statistics) if p.exists()]
+        series = c.source.is_dir()
+        c.nifti = kind != "dicom-seg"
+        c.dicom_seg = c.output.with_name(case_name(c.output) + ".dcm") if series and kind != "nifti" else None
+        if not series and kind == "dicom-seg":
+            c.error = (f"{c.source}: a NIfTI scan, and a DICOM SEG needs the DICOM series it segments (its UIDs and "
+                       f"slice positions): pass the series folder, or drop --output-type dicom-seg")
+            continue
+        existing = [p for p in (c.output if c.nifti else None, c.dicom_seg, c.statistics) if p and p.exists()]
         if existing and not args.overwrite:
             c.error = f"{existing[0]}: exists; pass --overwrite to replace it"
     return cases, single
@@ -281,6 +310,20 @@ def resolve_checkpoint(text: str) -> Path:
                             f"checkpoint file")
         return path / "best.pt"
     return path
+
+
+@functools.cache
+def model_identity(checkpoint: Path) -> tuple[str, str]:
+    """(name, version) of a checkpoint for the DICOM SEG's algorithm identification: the file name
+    (a run's best.pt as RUN/best.pt) and "sha256:" with the first 16 hex digits of the file's hash."""
+    import hashlib
+
+    name = f"{checkpoint.parent.name}/{checkpoint.name}" if checkpoint.name in ("best.pt", "last.pt") else checkpoint.name
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return name, f"sha256:{digest.hexdigest()[:16]}"
 
 
 def model_card(ckpt: dict, checkpoint: Path) -> str:
@@ -669,7 +712,14 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
     if header is not None:
         header = header.copy()
         header["cal_min"], header["cal_max"] = 0, 0  # the CT's display range would hide the labels
-    save_nifti(case.output, labels, affine, header=header)
+    if case.dicom_seg is not None:  # built before anything is written: a series unfit for a SEG leaves no output
+        from dicom_series import dicom_seg
+
+        dataset = dicom_seg(labels, case.source, *model_identity(seg.checkpoint))
+    if case.nifti:
+        save_nifti(case.output, labels, affine, header=header)
+    if case.dicom_seg is not None:
+        atomic_write(case.dicom_seg, lambda tmp: dataset.save_as(tmp, enforce_file_format=True))
     timer.lap("write")
     if case.png is not None:
         from visualize import save_quicklook
@@ -681,11 +731,14 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
     warnings = coverage_warnings(labels, affine, volumes)
     if warnings:
         warn(f"{case.name}: check the masks: {'; '.join(warnings)}")
-    report = {"case": case.name, "scan": str(case.source), "mask": str(case.output),
+    written = [str(p) for p in (case.output if case.nifti else None, case.dicom_seg) if p]
+    report = {"case": case.name, "scan": str(case.source), "mask": written[0],
               "voxel_volume_ml": voxel_volume_ml(affine), "bbox_convention": BBOX_CONVENTION,
               "organs": stats, "warnings": warnings}
     atomic_write(case.statistics, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-    result = {"output": str(case.output), "volumes_ml": volumes, "statistics": stats, "warnings": warnings}
+    result = {"output": written[0], "volumes_ml": volumes, "statistics": stats, "warnings": warnings}
+    if case.dicom_seg is not None:
+        result["dicom_seg"] = str(case.dicom_seg)
     if ref is not None:
         result["metrics"] = organ_metrics(labels, ref, affine, args.tolerance)
         timer.lap("metrics")
@@ -694,7 +747,7 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
     if not args.quiet:
         steps = ", ".join(f"{k} {v:.1f}" for k, v in timer.times.items())
         organs = ", ".join(f"{k} {v:.0f}" for k, v in volumes.items())
-        print(f"{case.name}: {describe(hu, affine)} -> {case.output} in {total:.1f} s ({steps})")
+        print(f"{case.name}: {describe(hu, affine)} -> {' + '.join(written)} in {total:.1f} s ({steps})")
         print(f"  volumes (mL): {organs}")
         if ref is not None:
             print(format_table(result["metrics"], args.tolerance))

@@ -126,3 +126,96 @@ def test_infer_on_a_dicom_series(tmp_path):
     img = nib.load(str(out))
     assert img.shape == hu.shape
     np.testing.assert_allclose(img.affine, expected, atol=1e-4)
+
+
+def phantom_series(folder, oblique=0.0):
+    """A 5 mm phantom written as an axial DICOM series (rotated about z by `oblique` degrees);
+    returns the expected RAS affine."""
+    from phantom import make_phantom
+
+    hu, _, _ = make_phantom(5, spacing=(5.0, 5.0, 5.0))
+    hu = hu[::-1, ::-1].copy()  # RAS -> LPS columns and rows, as DICOM stores an axial series
+    rot = rotation_z(oblique)
+    return write_series(folder, hu, rot @ [1, 0, 0], rot @ [0, 1, 0], (5, 5), 5.0, np.array([-150.0, -120.0, -60.0]),
+                        slope=1.0, intercept=-1024.0)
+
+
+def segment(args, tmp_path):
+    import torch
+    from test_infer import make_checkpoint
+
+    import infer
+
+    ckpt = tmp_path / "tiny.pt"
+    if not ckpt.exists():
+        make_checkpoint(ckpt)
+    with torch.inference_mode():
+        return infer.main(infer.parse_args([*args, "--checkpoint", str(ckpt), "--device", "cpu", "--quiet", "--no-png"]))
+
+
+def test_dicom_seg_lies_on_the_source_slices(tmp_path):
+    """A DICOM series in: the NIfTI mask and a DICOM SEG beside it. Read back with highdicom: it
+    references the series and its instances, every frame sits on a source slice, the decoded
+    organs equal the NIfTI mask, the segments carry their SNOMED CT codes and the algorithm; it
+    passes dciodvfy when dicom3tools is installed."""
+    import shutil
+    import subprocess
+
+    hd = pytest.importorskip("highdicom")
+    from dicom_series import sorted_slices
+
+    phantom_series(tmp_path / "series", oblique=20.0)
+    segment(["--input", str(tmp_path / "series"), "--output", str(tmp_path / "seg.nii.gz")], tmp_path)
+    labels = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+    seg = hd.seg.segread(tmp_path / "seg.dcm")  # highdicom's reader checks the IOD's structure as it parses
+
+    sources = [ds for _, ds in sorted_slices(tmp_path / "series")]
+    uids = [str(ds.SOPInstanceUID) for ds in sources]
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    (referenced,) = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert {str(i.ReferencedSOPInstanceUID) for i in referenced.ReferencedInstanceSequence} == set(uids)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in sources])
+    assert seg.NumberOfFrames >= 1
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        where = np.array([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
+        k = int(np.argmin(np.abs(positions - where).sum(1)))
+        np.testing.assert_allclose(where, positions[k], atol=1e-4)
+        assert frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == uids[k]
+    decoded = seg.get_pixels_by_source_instance(uids, combine_segments=True)  # (slice, row, column)
+    np.testing.assert_array_equal(decoded.transpose(2, 1, 0), labels)
+
+    expected = {1: ("10200004", "Liver", None), 2: ("64033007", "Kidney", "24028007"),
+                3: ("64033007", "Kidney", "7771000"), 4: ("78961009", "Spleen", None)}
+    assert [int(d.SegmentNumber) for d in seg.SegmentSequence] == [1, 2, 3, 4]
+    for d in seg.SegmentSequence:
+        code, meaning, side = expected[int(d.SegmentNumber)]
+        kind = d.SegmentedPropertyTypeCodeSequence[0]
+        assert (kind.CodeValue, kind.CodingSchemeDesignator, kind.CodeMeaning) == (code, "SCT", meaning)
+        modifiers = [m.CodeValue for m in kind.get("SegmentedPropertyTypeModifierCodeSequence", [])]
+        assert modifiers == ([side] if side else [])
+        assert d.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+        assert d.SegmentAlgorithmType == "AUTOMATIC" and d.SegmentAlgorithmName == "abdomen-vnet"
+        algorithm = d.SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == "abdomen-vnet" and "tiny.pt" in algorithm.AlgorithmParameters
+    assert seg.ManufacturerModelName == "tiny.pt"
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed; highdicom's reader checked the SEG")
+    r = subprocess.run(["dciodvfy", str(tmp_path / "seg.dcm")], capture_output=True, text=True)
+    report = r.stdout + r.stderr
+    assert "Segmentation" in report and not [line for line in report.splitlines() if line.startswith("Error")], report
+
+
+def test_dicom_seg_only_and_refused_for_nifti(tmp_path):
+    phantom_series(tmp_path / "series")
+    segment(["--input", str(tmp_path / "series"), "--output", str(tmp_path / "organs.dcm")], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["organs.dcm", "organs_statistics.json", "series", "tiny.pt"]
+    hu, affine = read_dicom_series(tmp_path / "series")
+    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "ct.nii.gz")
+    with pytest.raises(UserError, match="ct.nii.gz: .*DICOM SEG needs the DICOM series"):
+        segment(["--input", str(tmp_path / "ct.nii.gz"), "--output", str(tmp_path / "x.nii.gz"), "--output-type",
+                 "dicom-seg"], tmp_path)
