@@ -678,10 +678,13 @@ def coverage_warnings(labels: np.ndarray, affine: np.ndarray, volumes: dict[str,
     cut = set()
     for edge, index in (("top", -1 if up else 0), ("bottom", 0 if up else -1)):
         area = np.bincount(np.take(labels, index, axis=axis).ravel(), minlength=NUM_CLASSES) * pixel_mm2
-        for value in range(1, NUM_CLASSES):
-            if area[value] >= MIN_CUT_MM2:
-                cut.add(LABELS[value])
-                found.append(f"{LABELS[value].replace('_', ' ')} cut at the {edge} edge (its volume is a lower bound)")
+        names = [LABELS[v] for v in range(1, NUM_CLASSES) if area[v] >= MIN_CUT_MM2]
+        cut.update(names)
+        if names:
+            names = [n.replace("_", " ") for n in names]
+            listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+            bound = "volumes are lower bounds" if len(names) > 1 else "its volume is a lower bound"
+            found.append(f"{listed} cut at the {edge} edge ({bound})")
     for organ, ml in volumes.items():
         if 0 < ml < MIN_ORGAN_ML[organ] and organ not in cut:
             found.append(f"{organ.replace('_', ' ')} {ml:.{0 if ml >= 1 else 1}f} mL: likely spurious")

@@ -1,0 +1,204 @@
+"""Robustness table: a checkpoint on the two real CTs of ../shared/data/real, as given and degraded.
+
+    python bench/bench_robustness.py                                  # the shipped model, every row
+    python bench/bench_robustness.py --checkpoint X.pt --rows thick,noise --out /tmp/rob
+
+Rows (each input built from the original NIfTI; the exact recipe is printed and stored with the row):
+  original     the scan as given
+  thick        5 mm slices: consecutive slices averaged along head-to-feet (IRCAD's 1.6 mm: three, 4.8
+               mm; TotalSegmentator's 3 mm: two, 6 mm, as a box centred on a slice); reference: the
+               centre slices
+  noise        Gaussian noise of 30 HU added (numpy default_rng(0)), rounded to the scan's dtype
+  dome         the top 32 mm of the scan only (IRCAD: top 20 slices, the liver dome)
+  kidneys_cut  the scan from its top down to halfway along the slices that hold both kidneys, cutting
+               them at the lower edge
+
+Each input is segmented with `python infer.py --input CT --output MASK --label REF --label-map MAP
+--checkpoint CKPT --no-png` (in-process) and scored by its metrics; the table gives Dice per organ,
+the reference's volume in view (mL) and infer.py's warning, if any (exit code 0 either way). Prints
+a markdown table; writes OUT/robustness.json and OUT/robustness.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REAL = ROOT.parent / "shared" / "data" / "real"
+SHIPPED = ROOT / "checkpoints" / "phantom_small.pt"
+CTS = {  # name: (image, reference, the reference's label map)
+    "ircad_p1": ("ircad_p1/image.nii.gz", "ircad_p1/label.nii.gz", "identity"),
+    "totalseg_example": ("totalseg_example/ct.nii.gz", "totalseg_example/segmentation.nii.gz", "totalseg"),
+}
+ROWS = ("original", "thick", "noise", "dome", "kidneys_cut")
+THICK_MM = 5.0
+NOISE_HU = 30.0
+NOISE_SEED = 0
+DOME_MM = 32.0
+ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=str(SHIPPED), help="checkpoint to score")
+    p.add_argument("--real", default=str(REAL), help="folder of the real CTs")
+    p.add_argument("--cts", default=",".join(CTS), help="CTs to use, comma-separated")
+    p.add_argument("--rows", default=",".join(ROWS), help="rows to build, comma-separated")
+    p.add_argument("--out", default="", help="folder for inputs, masks and the table (default: a new temporary one)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    return p.parse_args(argv)
+
+
+@lru_cache(maxsize=2)
+def load_ct(name: str, real: str = str(REAL)) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(hu (X, Y, Z) as stored, reference label map as stored, affine, label map name) of CTS[name]."""
+    import nibabel as nib
+
+    image, ref, label_map = CTS[name]
+    ct, lab = nib.load(Path(real) / image), nib.load(Path(real) / ref)
+    return np.asanyarray(ct.dataobj), np.asanyarray(lab.dataobj), ct.affine, label_map
+
+
+def head_to_feet_axis(affine: np.ndarray) -> tuple[int, bool]:
+    """The voxel axis nearest head-to-feet, and whether its index grows towards the head."""
+    from nibabel.orientations import io_orientation
+
+    orient = io_orientation(affine)
+    axis = int(np.flatnonzero(orient[:, 0] == 2)[0])
+    return axis, bool(orient[axis, 1] > 0)
+
+
+def take(array: np.ndarray, axis: int, index) -> np.ndarray:
+    return np.ascontiguousarray(np.take(array, index, axis=axis))
+
+
+def moved_affine(affine: np.ndarray, axis: int, first: int, step: int = 1) -> np.ndarray:
+    """The affine of slices first, first + step, ... of `axis`."""
+    out = affine.copy()
+    out[:3, 3] += affine[:3, axis] * first
+    out[:3, axis] *= step
+    return out
+
+
+def build_input(row: str, hu: np.ndarray, label: np.ndarray, affine: np.ndarray, label_map: str = "identity"
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """One row's input from a CT (hu, HU, any dtype), its reference (as stored, in `label_map`) and
+    affine: (hu, reference, affine, recipe), the recipe in words precise enough to rebuild it."""
+    axis, up = head_to_feet_axis(affine)
+    n = hu.shape[axis]
+    dz = float(np.linalg.norm(affine[:3, axis]))
+    if row == "original":
+        return hu, label, affine, "the scan as given"
+    if row == "thick":
+        k = max(2, round(THICK_MM / dz))
+        # A box k slices wide centred on a slice: k odd, k slices; k even, k + 1 with half weight at both ends.
+        taps = np.ones(k) if k % 2 else np.r_[0.5, np.ones(k - 1), 0.5]
+        half = len(taps) // 2
+        centres = np.arange(half, n - half, k)
+        moved = np.moveaxis(hu.astype(np.float32), axis, 0)
+        thick = sum(w * moved[centres - half + t] for t, w in enumerate(taps / k))
+        thick = np.moveaxis(np.round(thick), 0, axis).astype(hu.dtype)
+        recipe = (f"slices of axis {axis} averaged {k} at a time ({k * dz:.1f} mm; weights {np.round(taps / k, 3).tolist()}"
+                  f" over slices c-{half}..c+{half}) for c = {centres[0]}, {centres[0] + k}, ..., {centres[-1]} "
+                  f"({len(centres)} slices); reference: slices c; affine origin at slice {centres[0]}, step x{k}")
+        return (np.ascontiguousarray(thick), take(label, axis, centres),
+                moved_affine(affine, axis, int(centres[0]), k), recipe)
+    if row == "noise":
+        rng = np.random.default_rng(NOISE_SEED)
+        noisy = hu.astype(np.float32) + rng.normal(0.0, NOISE_HU, hu.shape).astype(np.float32)
+        info = np.iinfo(hu.dtype) if np.issubdtype(hu.dtype, np.integer) else None
+        noisy = np.clip(np.round(noisy), info.min, info.max) if info else noisy
+        recipe = (f"hu + numpy.random.default_rng({NOISE_SEED}).normal(0, {NOISE_HU:g}, shape) (float32), rounded "
+                  f"and cast back to {hu.dtype}")
+        return noisy.astype(hu.dtype), label, affine, recipe
+    if row == "dome":
+        keep = round(DOME_MM / dz)
+        first = n - keep if up else 0
+        recipe = (f"slices {first}:{first + keep} of axis {axis} (the top {keep}, {keep * dz:.0f} mm, of {n}); "
+                  f"affine origin moved to slice {first}")
+    elif row == "kidneys_cut":
+        from dataset import remap_labels
+
+        ours = remap_labels(np.asarray(label), label_map, "reference")
+        others = tuple(a for a in range(3) if a != axis)
+        spans = [np.flatnonzero((ours == v).any(axis=others)) for v in (2, 3)]
+        lo, hi = max(s.min() for s in spans), min(s.max() for s in spans)  # the slices holding both kidneys
+        cut = (int(lo) + int(hi)) // 2
+        first, keep = (cut, n - cut) if up else (0, cut + 1)
+        recipe = (f"slices {first}:{first + keep} of axis {axis} ({keep * dz:.0f} mm of {n * dz:.0f}): from the top "
+                  f"down to slice {cut}, halfway along the slices holding both kidneys (reference: right kidney "
+                  f"{spans[0].min()}-{spans[0].max()}, left {spans[1].min()}-{spans[1].max()}); affine origin moved to "
+                  f"slice {first}")
+    else:
+        raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+    index = np.arange(first, first + keep)
+    return take(hu, axis, index), take(label, axis, index), moved_affine(affine, axis, first), recipe
+
+
+def run_row(ct: str, row: str, checkpoint: str | Path, folder: Path, real: str = str(REAL),
+            device: str = "auto") -> dict:
+    """Builds the row's input in `folder`, segments it with infer.py and scores it: {"ct", "row",
+    "recipe", "shape", "image", "mask", "dice": {organ: Dice}, "ref_ml": {organ: mL in view},
+    "pred_ml", "warnings"}."""
+    import nibabel as nib
+
+    import infer
+    from dataset import remap_labels
+
+    hu, label, affine, label_map = load_ct(ct, real)
+    hu, label, affine, recipe = build_input(row, hu, label, affine, label_map)
+    folder.mkdir(parents=True, exist_ok=True)
+    image, ref, mask = folder / f"{ct}_{row}.nii.gz", folder / f"{ct}_{row}_ref.nii.gz", folder / f"{ct}_{row}_seg.nii.gz"
+    nib.save(nib.Nifti1Image(hu, affine), image)
+    nib.save(nib.Nifti1Image(label, affine), ref)
+    summary = infer.main(infer.parse_args(["--input", str(image), "--output", str(mask), "--label", str(ref),
+                                           "--label-map", label_map, "--checkpoint", str(checkpoint), "--no-png",
+                                           "--quiet", "--overwrite", "--device", device,
+                                           "--metrics", str(folder / f"{ct}_{row}_metrics")]))
+    (result,) = summary["cases"].values()
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000
+    counts = np.bincount(remap_labels(np.asarray(label), label_map, ref).ravel(), minlength=5)
+    return {"ct": ct, "row": row, "recipe": recipe, "shape": list(hu.shape), "image": str(image), "mask": str(mask),
+            "dice": {o: round(result["metrics"][o]["dice"], 3) for o in ORGANS},
+            "ref_ml": {o: round(float(counts[i + 1]) * voxel_ml, 1) for i, o in enumerate(ORGANS)},
+            "pred_ml": result["volumes_ml"], "warnings": result["warnings"]}
+
+
+def markdown(rows: list[dict], checkpoint: str) -> str:
+    lines = [f"Checkpoint `{checkpoint}`. Dice per organ (reference volume in view, mL); warning: infer.py's.", "",
+             "| CT | input | liver | right kidney | left kidney | spleen | warning |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r['dice'][o]:.3f} ({r['ref_ml'][o]:.0f})" for o in ORGANS]
+        lines.append(f"| {r['ct']} | {r['row']} | {' | '.join(cells)} | {'; '.join(r['warnings']) or '-'} |")
+    lines += ["", "Inputs:"] + [f"- {r['ct']} {r['row']}: {r['recipe']}" for r in rows if r["row"] != "original"]
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    out = Path(args.out or tempfile.mkdtemp(prefix="robustness-"))
+    rows = []
+    for ct in args.cts.split(","):
+        for row in args.rows.split(","):
+            r = run_row(ct, row, args.checkpoint, out / "inputs", args.real, args.device)
+            print(f"{ct} {row}: Dice {r['dice']}; warning: {'; '.join(r['warnings']) or '-'}\n  input: {r['recipe']}",
+                  flush=True)
+            rows.append(r)
+    text = markdown(rows, args.checkpoint)
+    (out / "robustness.md").write_text(text)
+    (out / "robustness.json").write_text(json.dumps({"checkpoint": args.checkpoint, "rows": rows}, indent=2))
+    print("\n" + text + f"\nwritten: {out / 'robustness.md'}, {out / 'robustness.json'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())
