@@ -793,12 +793,26 @@ def read_label(case: CasePaths, shape: tuple[int, ...] | None = None, affine: np
     return out
 
 
+def not_hu(lowest: float, path: Path | str) -> str | None:
+    """Why an image whose lowest voxel is lowest is not a CT in Hounsfield units, or None. Every
+    CT holds air or lung (-1000 to -500 HU); an MRI, or CT numbers stored without their rescale
+    intercept (0..4095), has no voxel below -500, and clipping it to the HU window would train on noise."""
+    if lowest > -500:
+        return (f"{path}: no voxel below -500 HU (minimum {lowest:g}); not a CT in Hounsfield units: an MRI "
+                f"(drop the case), or stored values without the rescale intercept (convert again applying the "
+                f"DICOM rescale slope and intercept, usually HU = value - 1024)")
+    return None
+
+
 def read_case(case: CasePaths, label_map: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(CT (X, Y, Z) in HU as stored, affine (4, 4), label (X, Y, Z) uint8 in our values) on the
-    case's own grid, with every check: 3D, finite, label on the image grid, label values in the map."""
+    case's own grid, with every check: 3D, finite, in HU (not_hu), label on the image grid, label
+    values in the map."""
     hu, affine = load_nifti(case.image, "image")
     if np.issubdtype(hu.dtype, np.floating) and not np.all(np.isfinite(hu)):
         raise UserError(f"{case.image}: the image holds NaN or infinite voxels; fix or drop this case")
+    if why := not_hu(float(hu.min()), case.image):
+        raise UserError(why)
     label = read_label(case, hu.shape, affine)
     return hu, affine, remap_labels(label, label_map, case.label)
 
@@ -1064,9 +1078,8 @@ def check_case(case: CasePaths, label_map: str | None) -> tuple[str, list[str]]:
         parts.append(f"HU {lo:g}..{hi:g}")
         if bad:
             problems.append(f"{case.image}: {bad} NaN or infinite voxels")
-        if lo > -500:
-            problems.append(f"{case.image}: no voxel below -500 HU (minimum {lo:g}); not a CT in Hounsfield units "
-                            f"(an MRI, or a missing rescale intercept?)")
+        if why := not_hu(lo, case.image):
+            problems.append(why)
     label = None
     try:
         label = read_label(case, hu.shape if hu is not None else None, affine)

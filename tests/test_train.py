@@ -31,6 +31,11 @@ def test_two_epochs_write_loadable_checkpoints(tiny_dataset, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"liver", "right_kidney", "left_kidney", "spleen", "mean"} <= set(metrics)
     assert summary["mean"] == metrics["mean"]
+    # Validation Dice is measured on the training grid, and every place that stores it says so.
+    assert metrics["grid"] == "training" and metrics["grid_spacing_mm"] == 8.0
+    assert best["metrics_grid"] == "8 mm training grid"
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "liver_dice_training_grid" in header and "mean_dice_training_grid" in header and "liver" not in header
 
 
 def test_early_stopping_fires(tiny_dataset, tmp_path):
@@ -93,7 +98,8 @@ def _cli(args, cwd):
 def test_cli_end_to_end(tiny_dataset, tmp_path):
     r = _cli([*FAST, "--data", str(tiny_dataset), "--epochs", "1", "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "Best validation Dice" in r.stdout and "right_kidney" in r.stdout
+    assert "Best validation Dice on the 8 mm training grid" in r.stdout and "right_kidney" in r.stdout
+    assert "val Dice (8 mm training grid) liver" in r.stdout
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_labels", "bad_values"])
@@ -122,6 +128,28 @@ def test_bad_data_is_one_line_exit_1(case, tmp_path, tiny_dataset):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert str(data) in lines[0]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["raw", "mri"])
+def test_images_not_in_hu_are_refused_when_read(kind, tiny_dataset, tmp_path):
+    """A CT stored as 0..4095 without its rescale, or an MRI in a datalist, would be clipped to the HU
+    window and skew the intensity statistics: reading the case for training refuses it."""
+    import nibabel as nib
+    import numpy as np
+
+    images = sorted((tiny_dataset / "imagesTr").glob("*.nii.gz"))
+    labels = sorted((tiny_dataset / "labelsTr").glob("*.nii.gz"))
+    bad = tmp_path / f"{kind}.nii.gz"
+    src = nib.load(images[1])
+    hu = np.asanyarray(src.dataobj).astype(np.float32)
+    values = np.clip(hu + 1024, 0, 4095) if kind == "raw" else np.clip(hu + 1000, 0, None) * 0.4  # MRI: no negatives
+    nib.save(nib.Nifti1Image(values.astype(np.uint16), src.affine), bad)
+    entries = [{"image": str(i), "label": str(lab)} for i, lab in zip(images, labels)]
+    entries[1]["image"] = str(bad)
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"training": entries, "label_map": "identity"}))
+    with pytest.raises(train.UserError, match=rf"{bad}: no voxel below -500 HU .*not a CT in Hounsfield units.*rescale"):
+        run_train(["--data", str(datalist), "--epochs", "1", "--run", kind], tmp_path)
 
 
 def test_ema_checkpoints_hold_the_weight_average(tiny_dataset, tmp_path):
