@@ -94,6 +94,7 @@ from utils import (
     checkpoint_members,
     configure_torch,
     first_line,
+    label_counts,
     load_checkpoint,
     load_nifti,
     model_from_checkpoint,
@@ -634,18 +635,27 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     """In place: each organ keeps only its largest 26-connected component; the rest becomes
-    background. Works inside each organ's bounding box, so it costs the organs' size."""
+    background. Works inside each organ's bounding box, so it costs the organs' size. A
+    Fortran-order map (NIfTI's) is labelled through its C-order transpose, 3x faster in scipy."""
     structure = ndimage.generate_binary_structure(3, 3)
-    for value, box in enumerate(ndimage.find_objects(labels, max_label=NUM_CLASSES - 1), start=1):
+    transposed = labels.flags.f_contiguous and not labels.flags.c_contiguous
+    view = labels.T if transposed else labels
+    for value, box in enumerate(ndimage.find_objects(view, max_label=NUM_CLASSES - 1), start=1):
         if box is None:
             continue
-        region = labels[box]
+        region = view[box]
         mask = region == value
         components, n = ndimage.label(mask, structure)
         if n > 1:
-            sizes = np.bincount(components.ravel())
+            sizes = label_counts(components, n + 1)
             sizes[0] = 0
-            region[mask & (components != sizes.argmax())] = 0
+            largest = np.flatnonzero(sizes == sizes.max())
+            if transposed and len(largest) > 1:
+                # Equal sizes: keep the one first in the labels' own (X, Y, Z) order, as on a C-order map.
+                first = [np.ravel_multi_index(np.nonzero(components == c), components.shape, order="F").min()
+                         for c in largest]
+                largest = [largest[int(np.argmin(first))]]
+            region[mask & (components != largest[0])] = 0
     return labels
 
 

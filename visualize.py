@@ -54,6 +54,7 @@ from utils import (
     canonical_transform,
     check_writable_folder,
     dice_per_organ,
+    label_counts,
     load_nifti,
     reorient,
     run_cli,
@@ -773,12 +774,24 @@ def _quicklook_views(hu: np.ndarray, labels: np.ndarray, spacing: np.ndarray, ce
     ]
 
 
+def _organ_centre(labels: np.ndarray) -> np.ndarray:
+    """Voxel indices (3,) of the organs' centre of mass, rounded (the volume's centre when there is
+    no organ): ndimage.center_of_mass(labels > 0) to the last bit (integer sums), from per-axis
+    counts instead of a float64 copy of the scan per axis."""
+    organ = labels > 0
+    total = np.count_nonzero(organ)
+    if not total:
+        return np.array(labels.shape) // 2
+    plane = organ.sum(axis=2)
+    counts = (plane.sum(axis=1), plane.sum(axis=0), organ.sum(axis=(0, 1)))
+    return np.round([float(np.dot(np.arange(len(c)), c)) / total for c in counts])
+
+
 def save_quicklook(path: str | Path, hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, title: str = "") -> None:
     """Writes the PNG (atomically). hu (X, Y, Z) in HU and labels (X, Y, Z) uint8 on one grid of
     any orientation, affine (4, 4) RAS mm. Slices pass through the centre of the organs (of the
     volume when the mask is empty)."""
     import matplotlib
-    from scipy import ndimage
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -789,8 +802,8 @@ def save_quicklook(path: str | Path, hu: np.ndarray, labels: np.ndarray, affine:
     hu, ras_affine = reorient(hu, affine, transform)
     labels, _ = reorient(labels, affine, transform)
     spacing = spacing_of(ras_affine)
-    present = np.unique(labels)
-    centre = np.round(ndimage.center_of_mass(labels > 0)) if present.max() > 0 else np.array(labels.shape) // 2
+    present = np.flatnonzero(label_counts(labels, len(LABELS)))
+    centre = _organ_centre(labels)
 
     colours = np.zeros((len(LABELS), 4))
     for value, rgb in QUICKLOOK_COLOURS.items():

@@ -18,6 +18,7 @@ from utils import (
     Preprocessing,
     UserError,
     gaussian_importance,
+    label_counts,
     preprocess_image,
     probs_to_input_grid,
     resample,
@@ -121,13 +122,14 @@ def reference_to_input_grid(probs, info):
     return undo_reorient(full.argmax(0).to(torch.uint8).numpy(), info.transform)
 
 
-@pytest.mark.parametrize("scale", [(0.57, 0.57, 1.6), (3.0, 2.0, 5.0)])
-def test_probs_to_input_grid_equals_full_resampling(scale):
+@pytest.mark.parametrize("scale,order", [((0.57, 0.57, 1.6), "F"), ((3.0, 2.0, 5.0), "C")])
+def test_probs_to_input_grid_equals_full_resampling(scale, order):
     from phantom import Grid
 
     shape = (70, 60, 24) if scale[0] < 1 else (30, 25, 12)
     affine = Grid(shape, scale, (0, 0, 0)).affine
     hu, _, lps_affine = reorient_for_writing(np.zeros(shape, np.int16), np.zeros(shape, np.uint8), affine, "LPS")
+    hu = np.asarray(hu, order=order)  # NIfTI arrays come in Fortran order
     _, info = preprocess_image(hu, lps_affine, Preprocessing(spacing=(1.5, 1.5, 1.5)))
     g = torch.Generator().manual_seed(1)
     logits = torch.nn.functional.avg_pool3d(torch.randn(5, *info.shape_out, generator=g)[None] * 8, 3, 1, 1)[0]
@@ -136,6 +138,7 @@ def test_probs_to_input_grid_equals_full_resampling(scale):
     ours = probs_to_input_grid(probs, info, slab=5)
     expected = reference_to_input_grid(probs, info)
     assert ours.shape == hu.shape and ours.dtype == np.uint8
+    assert ours.flags.f_contiguous == (order == "F")  # the input's memory order: no transposing copy
     assert (ours != expected).mean() < 1e-4
     assert 0.05 < (ours > 0).mean() < 0.95
 
@@ -150,6 +153,23 @@ def test_keep_largest_components():
     assert (out[20:23, 20:23, 20:23] == 0).all()
     assert (out[2:12, 2:12, 2:12] == 1).all()
     assert (out == 2).sum() == (lab == 2).sum()
+
+
+def test_keep_largest_components_same_in_either_memory_order():
+    """A Fortran-order map (labelled through its transpose) keeps the same components as the same
+    map in C order, equal sizes included (the first in X, Y, Z order wins)."""
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        lab = ((rng.random((12, 9, 7)) < 0.05) * rng.integers(1, 5, (12, 9, 7))).astype(np.uint8)
+        expected = infer.keep_largest_components(np.ascontiguousarray(lab))
+        ours = infer.keep_largest_components(np.asfortranarray(lab))
+        assert np.array_equal(ours, expected) and ours.flags.f_contiguous
+
+
+def test_label_counts_is_bincount():
+    lab = np.asfortranarray(np.random.default_rng(0).integers(0, 5, (9, 8, 7)).astype(np.uint8))
+    assert np.array_equal(label_counts(lab), np.bincount(lab.ravel(), minlength=5))
+    assert np.array_equal(label_counts(lab[::-1, :, ::2], 7), np.bincount(lab[::-1, :, ::2].ravel(), minlength=7))
 
 
 def test_fold_batchnorm_keeps_the_function():

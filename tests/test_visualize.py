@@ -520,3 +520,13 @@ def test_totalseg_example_still(tmp_path):
     run("--input", REAL / "totalseg_example" / "segmentation.nii.gz", "--label-map", "totalseg", "--png", png,
         "--size", "640x360")
     assert_anterior(read_png(png))
+
+
+def test_quicklook_centre_is_the_centre_of_mass():
+    from scipy import ndimage
+
+    lab = np.zeros((20, 16, 12), np.uint8)
+    lab[3:9, 2:14, 5:7] = 1
+    lab[15:18, 4:6, 1:11] = 3
+    assert np.array_equal(visualize._organ_centre(np.asfortranarray(lab)), np.round(ndimage.center_of_mass(lab > 0)))
+    assert np.array_equal(visualize._organ_centre(np.zeros((4, 6, 8), np.uint8)), [2, 3, 4])
