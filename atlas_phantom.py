@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from phantom import (
     PHASES,
+    URINE,
     Canvas,
     Grid,
     _clinical_spacing,
@@ -40,12 +41,30 @@ from phantom import (
 from utils import UserError
 
 # FLARE22 label values (its dataset.json) and our map: 1 liver, 2 right kidney, 3 left kidney, 4 spleen.
+# Maps of other sets are converted to FLARE22 values on loading.
 FLARE = {1: "liver", 2: "right_kidney", 3: "spleen", 4: "pancreas", 5: "aorta", 6: "ivc", 7: "right_adrenal",
          8: "left_adrenal", 9: "gallbladder", 10: "esophagus", 11: "stomach", 12: "duodenum", 13: "left_kidney"}
+MASS = 20  # an extra-organ mass or cyst painted into the organ map: labelled background
 TO_OURS = np.zeros(256, dtype=np.uint8)
 TO_OURS[[1, 2, 13, 3]] = [1, 2, 3, 4]
+# BTCV's 8-organ remap (1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder, 5 liver, 6 stomach,
+# 7 aorta, 8 pancreas) in FLARE22 values.
+BTCV_TO_FLARE = np.zeros(256, dtype=np.uint8)
+BTCV_TO_FLARE[1:9] = [3, 2, 13, 9, 1, 11, 5, 4]
 REQUIRED = (1, 2, 3, 5, 13)  # the four targets, and the aorta that places the spine
 ATLAS_SPACING = 2.0  # mm: maps are kept at this isotropic grid (a 512x512x100 map is ~5 MB there)
+# Per-case probability of each phenomenon in an atlas phantom (docs/phantom.md, "Frequencies").
+PROBABILITIES = {
+    "liver_lesions": 0.4, "kidney_lesions": 0.25, "spleen_lesions": 0.1,  # inside the organ, its label
+    "renal_mass": 0.3,  # a real KiTS23 tumour or cyst shape on a kidney (only with KiTS23 maps in --atlas)
+    "mass": 0.35,  # a mass or cyst outside the organs, pressed against them (background)
+    "ascites": 0.1, "fatty_liver": 0.15, "hepatomegaly": 0.1, "splenomegaly": 0.1,
+    "atrophic_kidney": 0.05, "missing_kidney": 0.04,
+    "metal": 0.1, "low_dose": 0.15,
+}
+PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
+MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
+             "KiTS23 maps (case_XXXXX.nii.gz)")
 
 
 @dataclass
@@ -64,36 +83,64 @@ class Atlas:
     z_left_kidney: float
 
 
+@dataclass
+class LesionShape:
+    """A real renal tumour or cyst (KiTS23) on an RAS grid of ATLAS_SPACING mm: a shape to paste onto kidneys."""
+
+    name: str
+    kind: str  # "tumour" or "cyst"
+    mask: np.ndarray  # (X, Y, Z) bool, cropped to the lesion
+
+
 def _centroid(label: np.ndarray, value: int, affine: np.ndarray) -> np.ndarray:
     idx = np.argwhere(label == value)
     return affine[:3, :3] @ idx.mean(0) + affine[:3, 3]
 
 
-@functools.lru_cache(maxsize=64)
-def load_atlas(path: str) -> Atlas:
-    """Reads a FLARE22-style label map (1 liver, 2 right kidney, 3 spleen, 5 aorta, 13 left kidney,
-    the others optional) into RAS at ATLAS_SPACING mm (nearest neighbour). Cached per process."""
+def _read_map(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A label map as RAS (X, Y, Z) uint8 at ATLAS_SPACING mm (nearest neighbour) and its affine."""
     import nibabel as nib
 
     try:
         img = nib.as_closest_canonical(nib.load(path))
         data = np.asarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for unreadable files
-        raise UserError(f"{path}: cannot read the label map ({type(e).__name__}); pass FLARE22 label maps "
-                        f"(labelsTr/*.nii.gz) to --atlas") from None
+        raise UserError(f"{path}: cannot read the label map ({type(e).__name__}); pass {MAPS_HELP} to --atlas") from None
     if data.ndim != 3:
-        raise UserError(f"{path}: a {data.ndim}-D label map; --atlas needs 3-D FLARE22 label maps")
+        raise UserError(f"{path}: a {data.ndim}-D label map; --atlas needs 3-D {MAPS_HELP}")
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
     step = ATLAS_SPACING / zooms
     idx = [np.minimum(np.round(np.arange(int(n / s)) * s).astype(int), n - 1) for n, s in zip(data.shape, step)]
     label = np.ascontiguousarray(data[np.ix_(*idx)]).astype(np.uint8)
-    affine = img.affine @ np.diag([*step, 1.0])
+    return label, img.affine @ np.diag([*step, 1.0])
+
+
+def map_kind(path: str | Path, values: set[int] | None = None) -> str:
+    """Which set a label map comes from: "flare22", "btcv" or "kits23", by its file name (FLARE22_*,
+    label00NN*, case_*), else by its values (13 is FLARE22's left kidney; BTCV stops at 8, KiTS23 at 3)."""
+    name = Path(path).name
+    if name.startswith("case_"):
+        return "kits23"
+    if name.startswith("label0"):
+        return "btcv"
+    if name.startswith("FLARE") or values is None or 13 in values or max(values) > 8:
+        return "flare22"
+    return "kits23" if max(values) <= 3 else "btcv"
+
+
+def _to_atlas(path: str, label: np.ndarray, affine: np.ndarray) -> Atlas:
+    """An Atlas from a map in FLARE22 values, cropped in x and y to its organs (plus 20 mm)."""
     present = set(np.unique(label).tolist())
     missing = [FLARE[v] for v in REQUIRED if v not in present]
     if missing or max(present) > 13:
         what = f"no {', '.join(missing)}" if missing else f"label values up to {max(present)}"
-        raise UserError(f"{path}: {what}; --atlas needs FLARE22 label maps (1 liver, 2 right kidney, 3 spleen, "
-                        f"5 aorta, 13 left kidney)")
+        raise UserError(f"{path}: {what}; --atlas needs {MAPS_HELP} with liver, kidneys, spleen and aorta")
+    organs = np.argwhere(label > 0)
+    pad = int(20 / ATLAS_SPACING)
+    lo = np.maximum(organs.min(0)[:2] - pad, 0)
+    label = np.ascontiguousarray(label[lo[0]:organs.max(0)[0] + pad + 1, lo[1]:organs.max(0)[1] + pad + 1])
+    affine = affine.copy()
+    affine[:3, 3] += affine[:3, :2] @ lo
     rk, lk, ao = (_centroid(label, v, affine) for v in (2, 13, 5))
     spine = np.array([(rk[0] + lk[0]) / 2, ao[1] - 30.0, (rk[2] + lk[2]) / 2])
     organs = np.argwhere(label > 0)
@@ -108,15 +155,77 @@ def load_atlas(path: str) -> Atlas:
         z_right_kidney=float(rk[2] - spine[2]), z_left_kidney=float(lk[2] - spine[2]))
 
 
-def atlas_paths(folder: str | Path) -> list[Path]:
-    """The label maps (*.nii.gz, *.nii) in folder, sorted; a clear error when there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder; --atlas needs a folder of FLARE22 label maps (labelsTr/)")
-    paths = sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")))
-    if not paths:
-        raise UserError(f"{folder}: holds no .nii.gz label maps; --atlas needs FLARE22 label maps (labelsTr/)")
+def _to_lesions(path: str, label: np.ndarray) -> list[LesionShape]:
+    """Each tumour (2) and cyst (3) of a KiTS23 map of at least 0.5 mL, as its own cropped shape."""
+    shapes = []
+    min_voxels = 500.0 / ATLAS_SPACING ** 3
+    for value, kind in ((2, "tumour"), (3, "cyst")):
+        parts, n = ndimage.label(label == value)
+        for i, box in enumerate(ndimage.find_objects(parts)):
+            mask = parts[box] == i + 1
+            if mask.sum() >= min_voxels:
+                shapes.append(LesionShape(f"{Path(path).name.split('.')[0]}_{kind}{i}", kind, mask))
+    return shapes
+
+
+@functools.lru_cache(maxsize=512)
+def load_source(path: str) -> Atlas | tuple[LesionShape, ...]:
+    """One map of --atlas: a FLARE22 or BTCV map as an Atlas (in FLARE22 values), a KiTS23 map as
+    its lesion shapes. Cached per process."""
+    label, affine = _read_map(path)
+    kind = map_kind(path, set(np.unique(label).tolist()))
+    if kind == "kits23":
+        if label.max() > 3:
+            raise UserError(f"{path}: label values up to {label.max()}; a KiTS23 map holds 1 kidney, 2 tumour, 3 cyst")
+        return tuple(_to_lesions(path, label))
+    if kind == "btcv":
+        if label.max() > 8:
+            raise UserError(f"{path}: label values up to {label.max()}; a BTCV map (label00NN) holds 1..8")
+        label = BTCV_TO_FLARE[label]
+    return _to_atlas(path, label, affine)
+
+
+def load_atlas(path: str) -> Atlas:
+    """Reads a FLARE22-style label map (1 liver, 2 right kidney, 3 spleen, 5 aorta, 13 left kidney,
+    the others optional) or a BTCV 8-organ map into RAS at ATLAS_SPACING mm, in FLARE22 values."""
+    source = load_source(path)
+    if not isinstance(source, Atlas):
+        raise UserError(f"{path}: a KiTS23 kidney map has no liver, spleen or aorta; it gives lesion shapes only")
+    return source
+
+
+def atlas_paths(folders: str | Path) -> list[Path]:
+    """The label maps (*.nii.gz, *.nii) in one folder or several (comma-separated), sorted per
+    folder; a clear error for a missing or empty one."""
+    paths = []
+    for part in str(folders).split(","):
+        folder = Path(part.strip())
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder; --atlas needs folders of {MAPS_HELP}")
+        found = sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+        if not found:
+            raise UserError(f"{folder}: holds no .nii.gz label maps; --atlas needs {MAPS_HELP}")
+        paths += found
     return paths
+
+
+def load_sources(folders: str | Path) -> tuple[list[Atlas], list[LesionShape]]:
+    """Every map in --atlas's folders: the organ atlases (FLARE22, BTCV) and the renal lesion shapes
+    (KiTS23). A clear error when no map gives organs."""
+    atlases, lesions = [], []
+    for path in atlas_paths(folders):
+        source = load_source(str(path))
+        if isinstance(source, Atlas):
+            atlases.append(source)
+        else:
+            lesions += source
+    if not atlases:
+        raise UserError(f"{folders}: no organ maps; --atlas needs FLARE22 or BTCV label maps besides any KiTS23 ones")
+    return atlases, lesions
+
+
+KITS_NOTE = ("note: KiTS23 label maps are CC BY-NC-SA (non-commercial, share-alike): a model trained on phantoms "
+             "with their lesion shapes may only be used and shared on those terms")
 
 
 def _depth(mask: np.ndarray, spacing: tuple[float, ...], outside: bool = False, reach_mm: float = 0.0) -> np.ndarray:
@@ -133,35 +242,389 @@ def _depth(mask: np.ndarray, spacing: tuple[float, ...], outside: bool = False, 
     return out
 
 
-def _fill_kidney(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator,
-                 hu_of: dict) -> None:
-    """Cortex (a 4-8 mm rim, brighter in arterial and portal phase) around medulla."""
-    depth = _depth(mask, spacing)
-    hu[mask] = hu_of["medulla"]
-    hu[mask & (depth < rng.uniform(4, 8))] = hu_of["cortex"]
+def _coords(c: Canvas, box: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World mm of the box's voxels, broadcastable: (x, 1, 1), (1, y, 1), (1, 1, z)."""
+    return c.x[box[0]][:, None, None], c.y[box[1]][None, :, None], c.z[box[2]][None, None, :]
 
 
-def _paint_lesions(c: Canvas, rng: np.random.Generator, organ: np.ndarray, n: int, hu_range: tuple[float, float]
-                   ) -> None:
-    """n round lesions (radius 5-25 mm, HU in hu_range) centred inside organ, clipped to it."""
+def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice, slice] | None:
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return None
+    return tuple(slice(max(0, lo - pad), hi + 1 + pad) for lo, hi in zip(idx.min(0), idx.max(0)))
+
+
+def _world(c: Canvas, idx: np.ndarray) -> np.ndarray:
+    """World mm of voxel indices (N, 3)."""
+    return np.stack([c.x[idx[:, 0]], c.y[idx[:, 1]], c.z[idx[:, 2]]], axis=1)
+
+
+def _surface(c: Canvas, mask: np.ndarray) -> np.ndarray:
+    """World mm (N, 3) of the mask's surface voxels (within 1.5 voxels of its edge)."""
+    box = _bbox(mask, 1)
+    if box is None:
+        return np.zeros((0, 3))
+    sub = mask[box]
+    edge = sub & (_depth(sub, c.grid.spacing) <= 1.5 * max(c.grid.spacing))
+    idx = np.argwhere(edge) + [s.start for s in box]
+    return _world(c, idx)
+
+
+def _paint_kidney(c: Canvas, organs: np.ndarray, value: int, rng: np.random.Generator, hu_of: dict,
+                  urine_hu: tuple[float, float], spine_x: float, spine_y: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """Cortex (a 4-8 mm rim, brighter in arterial and portal phase) around medulla, and the renal
+    sinus: its deep part on the hilum's side (medial, anterior), fat holding the calyces and the
+    renal pelvis, which hold urine (bright excreted contrast in the excretory phase). All of it keeps
+    the kidney's label (docs/phantom.md, "Labelling conventions"). Returns the pelvis's exit at the
+    hilum (world mm, None without a sinus) and the collecting system's mask (grid shape, bool)."""
+    u = rng.uniform
+    mask = organs == value
+    collecting = np.zeros(mask.shape, dtype=bool)
+    box = _bbox(mask, 1)
+    if box is None:
+        return None, collecting
+    sub = mask[box]
+    depth = _depth(sub, c.grid.spacing)
+    hu = c.hu[box]
+    hu[sub] = hu_of["medulla"]
+    hu[sub & (depth < u(4, 8))] = hu_of["cortex"]
+    gx, gy, _ = _coords(c, box)
+    centre = _world(c, np.argwhere(mask)).mean(0)
+    hilum = np.array([spine_x - centre[0], spine_y + 30 - centre[1], 0.0])
+    hilum /= max(float(np.linalg.norm(hilum)), 1e-6)
+    toward = np.broadcast_to((gx - centre[0]) * hilum[0] + (gy - centre[1]) * hilum[1], sub.shape)
+    sinus = sub & (depth > u(5, 9)) & (toward > -u(0, 8))
+    if sinus.sum() < 4:
+        return None, collecting
+    hu[sinus] = u(-100, -30) if rng.random() < 0.8 else u(-30, 10)  # sinus fat, fibrous in some
+    # The pelvis fills the sinus's medial third, calyces branch from it toward the medulla.
+    pelvis = sinus & (toward > np.quantile(toward[sinus], u(0.5, 0.75)))
+    calyces = sinus & (np.abs(_smooth_noise(rng, sub.shape, 6)) < u(0.08, 0.2))
+    system = pelvis | calyces
+    hu[system] = u(*urine_hu) * (1 + 0.1 * _smooth_noise(rng, sub.shape, 4)[system])
+    collecting[box] = system
+    exit_idx = np.argwhere(pelvis)[np.argmax(toward[pelvis])]
+    return _world(c, (exit_idx + [s.start for s in box])[None])[0] + hilum * 8, collecting
+
+
+def _paint_tube(c: Canvas, rng: np.random.Generator, points: list[np.ndarray], radius: float, hu: float,
+                free: np.ndarray) -> np.ndarray:
+    """A tube of the given radius (mm) through points (world mm), painted where free; returns its mask."""
+    tube = np.zeros(c.grid.shape, dtype=bool)
+    for p0, p1 in zip(points[:-1], points[1:]):
+        n = max(2, int(np.linalg.norm(p1 - p0) / max(radius, 1.0)))
+        for t in np.linspace(0, 1, n):
+            blob = c.blob(p0 + (p1 - p0) * t, np.full(3, radius))
+            if blob is not None:
+                box, r = blob
+                tube[box] |= r < 1
+    tube &= free
+    c.hu[tube] = hu
+    return tube
+
+
+def _paint_ureter(c: Canvas, rng: np.random.Generator, start: np.ndarray, side: float, spine_y: float, vert_r: float,
+                  end: np.ndarray, urine_hu: tuple[float, float], free: np.ndarray) -> np.ndarray:
+    """A ureter (radius 2-4 mm, background) from the renal pelvis's exit (start, mm) down along the
+    psoas to end (the bladder, mm), opacified in segments as peristalsis leaves it."""
+    u = rng.uniform
+    mid = np.array([side * (vert_r + u(15, 30)), spine_y + u(5, 25), (start[2] + end[2]) / 2])
+    low = np.array([side * u(30, 60), spine_y + u(20, 50), end[2] + u(20, 40)])
+    path = [start, mid, low, end]
+    tube = np.zeros(c.grid.shape, dtype=bool)
+    for p0, p1 in zip(path[:-1], path[1:]):
+        hu = u(*urine_hu) if rng.random() < 0.75 else u(15, 40)  # a collapsed stretch
+        tube |= _paint_tube(c, rng, [p0, p1], u(2, 4), hu, free)
+    return tube
+
+
+def _lesion_hu(rng: np.random.Generator, kind: str, organ_hu: float, phase: str) -> float:
+    """HU of a focal lesion (docs/phantom.md, "Pathology"): a simple cyst 0-20, a hypodense tumour
+    20-70 HU under its organ, a hyperdense one (arterial hypervascular, or haemangioma, or a
+    native-phase haemorrhage) 15-120 HU over it, a calcification 200-1000."""
+    u = rng.uniform
+    if kind == "cyst":
+        return u(0, 20)
+    if kind == "hypo":
+        return max(organ_hu - u(20, 70), u(5, 25))
+    if kind == "hyper":
+        return organ_hu + (u(30, 120) if phase == "arterial" else u(15, 50))
+    return u(200, 1000)
+
+
+def _paint_lesions(c: Canvas, rng: np.random.Generator, organ: np.ndarray, n: int, organ_hu: float, phase: str,
+                   radius: tuple[float, float] = (5, 25)) -> np.ndarray:
+    """n lesions inside organ, clipped to it, keeping its label: cysts, hypo- and hyperdense tumours
+    (radius in mm) and calcifications (radius 1.5-5 mm). Returns their mask (grid shape, bool)."""
+    painted = np.zeros(organ.shape, dtype=bool)
     inside = np.argwhere(organ)
     if inside.size == 0:
-        return
+        return painted
     for _ in range(n):
-        center = np.array([ax[i] for ax, i in zip((c.x, c.y, c.z), inside[int(rng.integers(len(inside)))])])
-        lesion = c.blob(center, np.full(3, rng.uniform(5, 25)), wobble=0.1)
+        kind = str(rng.choice(["cyst", "hypo", "hyper", "calcification"], p=[0.35, 0.35, 0.18, 0.12]))
+        center = _world(c, inside[int(rng.integers(len(inside)))][None])[0]
+        size = rng.uniform(1.5, 5) if kind == "calcification" else rng.uniform(*radius)
+        lesion = c.blob(center, size * rng.uniform(0.8, 1.2, 3), _rotation(rng, (90, 90, 90)), wobble=0.1)
         if lesion is not None:
             box, r = lesion
-            c.paint(box, (r < 1) & organ[box], rng.uniform(*hu_range))
+            m = (r < 1) & organ[box]
+            c.paint(box, m, _lesion_hu(rng, kind, organ_hu, phase))
+            painted[box] |= m
+    return painted
+
+
+def _warp_box(c: Canvas, organs: np.ndarray, box: tuple[slice, slice, slice], src: list[np.ndarray]) -> np.ndarray:
+    """The organ map sampled (nearest) at world mm src (x, y, z arrays over box)."""
+    grid = c.grid
+    idx = [(s - o) / d for s, o, d in zip(src, grid.origin, grid.spacing)]
+    shape = tuple(sl.stop - sl.start for sl in box)
+    idx = [np.broadcast_to(i, shape) for i in idx]
+    return ndimage.map_coordinates(organs, idx, order=0, mode="nearest")
+
+
+def _rescale_organ(c: Canvas, organs: np.ndarray, value: int, factor: float, anchor: np.ndarray,
+                   claim: np.ndarray) -> None:
+    """The organ scaled by factor about anchor (world mm): grown into claim (bool, grid) only, or shrunk,
+    its freed voxels becoming background."""
+    mask = organs == value
+    box0 = _bbox(mask)
+    if box0 is None:
+        return
+    lo = np.array([c.x[box0[0].start], c.y[box0[1].start], c.z[box0[2].start]])
+    hi = np.array([c.x[box0[0].stop - 1], c.y[box0[1].stop - 1], c.z[box0[2].stop - 1]])
+    lo, hi = anchor + (lo - anchor) * max(factor, 1.0), anchor + (hi - anchor) * max(factor, 1.0)
+    box = c.box((lo + hi) / 2, float((hi - lo).max()) / 2 + 4)
+    if box is None:
+        return
+    gx, gy, gz = _coords(c, box)
+    src = [anchor[0] + (gx - anchor[0]) / factor, anchor[1] + (gy - anchor[1]) / factor,
+           anchor[2] + (gz - anchor[2]) / factor]
+    scaled = _warp_box(c, mask.view(np.uint8), box, src).astype(bool)
+    region = organs[box]
+    if factor >= 1:
+        region[scaled & claim[box]] = value
+    else:
+        region[(region == value) & ~scaled] = 0
+
+
+def _push(c: Canvas, organs: np.ndarray, center: np.ndarray, radius: float, push: float) -> None:
+    """Organs pushed radially away from center (mm): what lay push mm inside radius moves out to it,
+    the shift fading to none at radius + 2 push + 10 mm, so an organ pressed by a mass is indented."""
+    reach = radius + 2 * push + 10
+    box = c.box(center, reach)
+    if box is None:
+        return
+    gx, gy, gz = _coords(c, box)
+    d = [gx - center[0], gy - center[1], gz - center[2]]
+    r = np.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2)
+    shift = push * np.clip((reach - r) / (reach - radius), 0, 1)
+    ratio = np.maximum(r - shift, 0) / np.maximum(r, 1e-3)
+    organs[box] = _warp_box(c, organs, box, [center[i] + d[i] * ratio for i in range(3)])
+
+
+MASS_SITES = ("hepatic", "renal", "adrenal", "pancreatic", "duodenal", "retroperitoneal", "splenic")
+
+
+def _mass_site(c: Canvas, rng: np.random.Generator, organs: np.ndarray, site: str, radius: float
+               ) -> np.ndarray | None:
+    """Centre (world mm) of an extra-organ mass of the given radius at site: against the liver's
+    underside (between it and the right kidney), on a kidney (exophytic), above a kidney (adrenal),
+    in the pancreas or the duodenum, beside the aorta (retroperitoneal) or against the spleen."""
+    u = rng.uniform
+    anchor = {"hepatic": 1, "renal": int(rng.choice([2, 13])), "adrenal": int(rng.choice([2, 13])),
+              "pancreatic": 4, "duodenal": 12, "retroperitoneal": 5, "splenic": 3}[site]
+    mask = organs == anchor
+    if mask.sum() < 8:
+        return None
+    centroid = _world(c, np.argwhere(mask)).mean(0)
+    if site in ("pancreatic", "duodenal"):  # arising inside an organ that is background anyway
+        inside = np.argwhere(mask)
+        return _world(c, inside[int(rng.integers(len(inside)))][None])[0]
+    if site == "retroperitoneal":
+        inside = np.argwhere(mask)
+        p = _world(c, inside[int(rng.integers(len(inside)))][None])[0]
+        return p + np.array([rng.choice([-1, 1]) * (radius + u(5, 12)), u(-15, 10), 0])
+    surface = _surface(c, mask)
+    if len(surface) == 0:
+        return None
+    outward = np.zeros(3)
+    z = surface[:, 2]
+    if site == "hepatic":  # the underside, on the right and toward the back: over the right kidney
+        keep = (z < np.quantile(z, 0.35)) & (surface[:, 0] > centroid[0] - 20) & (surface[:, 1] < centroid[1] + 20)
+        outward = np.array([0.0, -0.3, -1.0])
+    elif site == "adrenal":
+        keep = z > np.quantile(z, 0.75)
+        outward = np.array([np.sign(-centroid[0]) * 0.5, 0.0, 1.0])
+    else:
+        keep = np.ones(len(surface), dtype=bool)
+    surface = surface[keep] if keep.any() else surface
+    p = surface[int(rng.integers(len(surface)))]
+    normal = p - centroid
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-6) + outward
+    normal /= max(float(np.linalg.norm(normal)), 1e-6)
+    return p + normal * radius * u(0.6, 1.0)
+
+
+def _paint_mass(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, phase: str,
+                site: str | None = None) -> np.ndarray:
+    """One cyst or mass outside the organs (2-15 cm across, background), pressed against them: the
+    organs around are pushed aside and indented. Fluid (0-20 HU), proteinaceous (20-45), solid
+    (30-55 HU plus 0-80 of enhancement) or rim-enhancing around a necrotic centre. Marked MASS in
+    organs; returns its mask (grid shape, bool), empty when it found no place."""
+    u = rng.uniform
+    mask = np.zeros(organs.shape, dtype=bool)
+    before = {v: int((organs == v).sum()) for v in (1, 2, 3, 13)}
+    saved = organs.copy()
+    for attempt in [site] if site else rng.permutation(MASS_SITES)[:3]:  # a map may lack the site's organ
+        radius = float(np.exp(u(np.log(10), np.log(75))))  # 2-15 cm across, small ones commoner
+        center = _mass_site(c, rng, organs, str(attempt), radius)
+        if center is None:
+            continue
+        _push(c, organs, center, radius, radius * u(0.2, 0.5))
+        blob = c.blob(center, radius * u(0.8, 1.2, 3), _rotation(rng, (90, 90, 90)), wobble=0.08, cells=4)
+        if blob is not None:
+            box, r = blob
+            mask[box] = (r < 1) & cavity[box]
+            organs[mask] = MASS
+            if mask.any() and all((organs == v).sum() >= 0.5 * n for v, n in before.items()):
+                break  # no target organ swallowed
+        organs[:] = saved
+        mask[:] = False
+    if not mask.any():
+        return mask
+    enhance = {"native": 0.0, "arterial": u(10, 70), "portal": u(20, 80), "nephrographic": u(20, 70),
+               "excretory": u(10, 50)}[phase]
+    kind = rng.random()
+    if kind < 0.35:
+        c.hu[mask] = u(0, 20)
+    elif kind < 0.45:
+        c.hu[mask] = u(20, 45)
+    else:
+        solid = u(30, 55) + enhance
+        box = _bbox(mask)
+        sub = mask[box]
+        hu = c.hu[box]
+        hu[sub] = solid + 8 * _smooth_noise(rng, sub.shape, 5)[sub]
+        if kind >= 0.75:  # rim-enhancing: a 2-8 mm wall around fluid or necrosis
+            hu[sub & (_depth(sub, c.grid.spacing) > u(2, 8))] = u(5, 30)
+    return mask
+
+
+def _paste_renal_lesion(c: Canvas, rng: np.random.Generator, organs: np.ndarray, shape: LesionShape, phase: str,
+                        hu_of: dict) -> np.ndarray:
+    """A real renal tumour or cyst shape (KiTS23) on a kidney, centred near its surface: its part
+    inside the kidney keeps the kidney's label, its exophytic part is background (MASS). Returns the
+    pasted lesion's mask (grid shape, bool)."""
+    u = rng.uniform
+    pasted = np.zeros(organs.shape, dtype=bool)
+    kidney = int(rng.choice([v for v in (2, 13) if (organs == v).sum() > 8] or [0]))
+    if kidney == 0:
+        return pasted
+    mask = ndimage.zoom(shape.mask.astype(np.uint8), [ATLAS_SPACING * u(0.6, 1.1) / s for s in c.grid.spacing],
+                        order=0)
+    mask = mask[tuple(slice(None, None, int(rng.choice([-1, 1]))) for _ in range(3))].astype(bool)
+    if not mask.any():
+        return pasted
+    surface = _surface(c, organs == kidney)
+    centroid = _world(c, np.argwhere(organs == kidney)).mean(0)
+    p = surface[int(rng.integers(len(surface)))]
+    inward = (centroid - p) / max(float(np.linalg.norm(centroid - p)), 1e-6)
+    extent = np.array(mask.shape) * c.grid.spacing
+    center = p + inward * float(extent.max()) / 2 * u(-0.3, 0.5)
+    start = np.round((center - np.array(c.grid.origin)) / c.grid.spacing - np.array(mask.shape) / 2).astype(int)
+    lo, hi = np.maximum(start, 0), np.minimum(start + mask.shape, c.grid.shape)
+    if (hi <= lo).any():
+        return pasted
+    pasted[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = mask[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))]
+    pasted &= (organs == kidney) | (organs == 0)
+    organs[pasted & (organs == 0)] = MASS
+    if shape.kind == "cyst":
+        c.hu[pasted] = u(0, 20)
+    else:  # renal cell carcinoma: soft tissue enhancing less than cortex, with necrosis
+        box = _bbox(pasted)
+        sub = pasted[box]
+        base = u(25, 45) + (0.0 if phase == "native" else u(0.3, 0.8) * (hu_of["cortex"] - 30))
+        hu = c.hu[box]
+        noise = _smooth_noise(rng, sub.shape, 5)
+        hu[sub] = base + 15 * noise[sub]
+        hu[sub & (noise < -u(0.2, 0.6))] = u(10, 30)
+    return pasted
+
+
+def _paint_ascites(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, rho: np.ndarray,
+                   a: float, fat: float, wall: float, spine_y: float, vert_r: float, z_top: float) -> np.ndarray:
+    """Ascites (0-25 HU, background): pockets of a 3-15 mm layer inside the abdominal wall and a layer
+    around the liver and spleen, below the diaphragm (z_top, mm), outside the organs and the central
+    retroperitoneum (spine, psoas, great vessels), never over bone or gas. Returns its mask (grid shape, bool)."""
+    u = rng.uniform
+    thick = u(3, 15)
+    X, Y, Z = c.x[:, None, None], c.y[None, :, None], c.z[None, None, :]
+    layer = (rho > 1.0 - (fat + wall + thick) / a) & (_smooth_noise(rng, c.grid.shape, 4) > u(-0.3, 0.3))
+    around = _depth((organs == 1) | (organs == 3), c.grid.spacing, outside=True, reach_mm=thick) < thick
+    central = (np.abs(X) < vert_r + 60) & (Y < spine_y + vert_r + 20)
+    fluid = cavity & (layer | around) & (organs == 0) & ~central & (Z < z_top) & (c.hu > -500) & (c.hu < 150)
+    c.hu[fluid] = u(0, 25)
+    return fluid
+
+
+def _paint_metal(c: Canvas, rng: np.random.Generator, body: np.ndarray, spine_y: float, vert_r: float,
+                 heads: list[np.ndarray]) -> np.ndarray:
+    """Metal (2000-3071 HU): spinal rods, surgical clips or a hip prosthesis (when the hips are in
+    view), with the streaks it casts: bright and dark lines radiating in the axial plane, fading
+    over 5-20 cm, and a dark beam-hardening band between two metal objects. Returns the metal's mask."""
+    u = rng.uniform
+    X, Y = c.x[:, None], c.y[None, :]
+    kind = str(rng.choice(["spine", "clips", "hip"] if heads else ["spine", "clips"]))
+    objects = []  # (centre mm, radius mm, z half-extent mm)
+    if kind == "spine":
+        zc = u(c.z[0], c.z[-1])
+        for side in (-1, 1):
+            objects.append((np.array([side * vert_r * u(0.4, 0.7), spine_y - vert_r - u(3, 10), zc]), u(2.5, 3.5),
+                            u(30, 80)))
+    elif kind == "hip":
+        for head in heads[:int(rng.integers(1, 3))]:
+            objects.append((head, u(20, 26), u(20, 26)))
+    else:
+        while len(objects) < int(rng.integers(1, 5)) or not objects:
+            idx = np.array([int(rng.integers(n)) for n in c.grid.shape])
+            if body[tuple(idx)]:
+                objects.append((_world(c, idx[None])[0], u(1, 2.5), u(2, 6)))
+    metal = np.zeros(c.grid.shape, dtype=bool)
+    streaks = np.zeros(c.grid.shape[:2], dtype=np.float32)
+    for center, radius, half_z in objects:
+        m = ((X - center[0]) ** 2 + (Y - center[1]) ** 2 < radius ** 2)[:, :, None]
+        m = m & (np.abs(c.z - center[2]) < half_z)[None, None, :]
+        metal |= m
+        fade = np.exp(-np.hypot(X - center[0], Y - center[1]) / u(50, 200))
+        for angle in rng.uniform(0, np.pi, int(rng.integers(4, 14))):
+            across = np.abs((X - center[0]) * np.sin(angle) - (Y - center[1]) * np.cos(angle))
+            streaks += rng.choice([-1, 1]) * u(100, 600) * radius / 3 * np.exp(-(across / u(1, 3)) ** 2) * fade
+    if len(objects) >= 2:  # beam hardening: a dark band along the line joining the first two objects
+        (p, _, _), (q, _, _) = objects[:2]
+        d = q[:2] - p[:2]
+        length = max(float(np.linalg.norm(d)), 1e-3)
+        along = ((X - p[0]) * d[0] + (Y - p[1]) * d[1]) / length
+        across = np.abs((X - p[0]) * d[1] - (Y - p[1]) * d[0]) / length
+        streaks -= u(50, 250) * np.exp(-(across / u(3, 10)) ** 2) * ((along > 0) & (along < length))
+    zs = np.abs(c.z[None, :] - np.array([o[0][2] for o in objects])[:, None]) < np.array([o[2] for o in objects])[:, None]
+    rows = zs.any(0)
+    region = c.hu[:, :, rows]
+    region += np.where(body[:, :, rows], streaks[:, :, None], 0)
+    c.hu[:, :, rows] = region
+    c.hu[metal] = u(2000, 3071)
+    return metal
 
 
 def _paint_pelvis(c: Canvas, rng: np.random.Generator, cavity: np.ndarray, organs: np.ndarray, spine_y: float,
-                  vert_r: float, z_crest: float, a: float) -> None:
+                  vert_r: float, z_crest: float, a: float, urine_hu: tuple[float, float] = (0, 20)) -> dict:
     """Below the iliac crests (z_crest, mm): iliac wings flaring out behind the cavity, the sacrum
-    continuing the spine, femoral heads 100-140 mm lower, and a bladder in front; never over organs."""
+    continuing the spine, femoral heads 100-140 mm lower, and a bladder in front whose excreted
+    contrast (urine_hu) layers at the back, as the patient lies supine; never over organs.
+    Returns the world mm of the bladder's centre ("bladder") and of the femoral heads ("heads")."""
     u = rng.uniform
     X, Y, Z = c.x[:, None, None], c.y[None, :, None], c.z[None, None, :]
     free = (organs == 0)
+    where: dict = {"bladder": None, "heads": []}
     depth = np.clip((z_crest - Z) / 120.0, 0, 1)  # 0 at the crest, 1 at the acetabulum
     for side in (-1, 1):
         # A wing: a thin curved plate whose centre moves in and forward going down.
@@ -170,18 +633,25 @@ def _paint_pelvis(c: Canvas, rng: np.random.Generator, cavity: np.ndarray, organ
         ring = np.abs(np.hypot(X - cx, (Y - cy) / 1.6) - u(35, 45) * (1 - 0.3 * depth))
         wing = (ring < u(3, 6)) & (Z < z_crest) & (Z > z_crest - 130) & (side * (X - cx) > -25)
         c.hu[wing & free] = u(300, 700)
-        z_head = z_crest - u(100, 140)
-        head = c.blob((side * u(80, 100), spine_y + u(40, 60), z_head), np.full(3, u(21, 26)))
+        head_c = np.array([side * u(80, 100), spine_y + u(40, 60), z_crest - u(100, 140)])
+        where["heads"].append(head_c)
+        head = c.blob(head_c, np.full(3, u(21, 26)))
         if head is not None:
             box, r = head
             c.paint(box, (r < 1) & free[box], u(250, 450))
             c.paint(box, (r < 0.8) & free[box], u(100, 250))
     sacrum = (X ** 2 + ((Y - spine_y - 10 * depth) / 0.7) ** 2 < (vert_r * 1.6) ** 2) & (Z < z_crest - 20)
     c.hu[sacrum & free & ~cavity] = u(200, 400)
-    bladder = c.blob((u(-15, 15), spine_y + u(70, 110), z_crest - u(110, 150)), (u(30, 50), u(25, 40), u(25, 45)))
+    where["bladder"] = np.array([u(-15, 15), spine_y + u(70, 110), z_crest - u(110, 150)])
+    bladder = c.blob(where["bladder"], (u(30, 50), u(25, 40), u(25, 45)))
     if bladder is not None:
         box, r = bladder
-        c.paint(box, (r < 1) & free[box] & cavity[box], u(0, 20))
+        m = (r < 1) & free[box] & cavity[box]
+        c.paint(box, m, u(0, 20))
+        if urine_hu[0] > 100:
+            layer = c.y[box[1]][None, :, None] < where["bladder"][1] + u(-30, 30)
+            c.paint(box, m & layer, u(*urine_hu))
+    return where
 
 
 def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: float, b: float, z_crest: float
@@ -272,22 +742,34 @@ def _paint_arms(c: Canvas, rng: np.random.Generator, a: float, b: float, hu_of: 
 
 
 def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, float, float] | None = None,
-                       slice_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       slice_mm: float = 0.0, lesions: list[LesionShape] | tuple = (), prob: dict | None = None,
+                       phase: str | None = None, info: dict | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic abdominal CT whose organs are a deformed real label map.
 
     Returns (hu, label, affine) as phantom.make_phantom: hu (X, Y, Z) int16 HU, label (X, Y, Z)
     uint8 in the project's map, affine (4, 4) RAS mm. spacing (mm) defaults to a random clinical one;
-    slice_mm as in make_phantom.
+    slice_mm as in make_phantom. lesions: real renal lesion shapes (KiTS23) to paste onto kidneys.
+    prob overrides entries of PROBABILITIES (1.0 forces a phenomenon on, 0.0 off); phase forces a
+    contrast phase of PHASE_PROBABILITIES. A dict given as info receives what was painted: the phase,
+    the phenomena drawn, the painted HU before scanner blur and noise ("painted", X, Y, Z float32)
+    and each phenomenon's mask (X, Y, Z bool).
     """
     if not atlases:
-        raise UserError("no atlas label maps given; pass a folder of FLARE22 label maps to --atlas")
+        raise UserError(f"no atlas label maps given; pass folders of {MAPS_HELP} to --atlas")
     rng = np.random.default_rng(seed)
     u = rng.uniform
+    p = {**PROBABILITIES, **(prob or {})}
+    on = {name: bool(rng.random() < p[name]) for name in PROBABILITIES}  # every draw made, forced or not
     atlas = atlases[int(rng.integers(len(atlases)))]
-    phase = str(rng.choice(list(PHASES), p=[0.3, 0.15, 0.55]))
-    # Domain randomisation: each tissue +-15 HU beyond its phase's range (scanner calibration, kVp,
-    # contrast timing; the TotalSegmentator example's native kidneys measure ~15 HU, its liver 46).
+    drawn = str(rng.choice(list(PHASE_PROBABILITIES), p=list(PHASE_PROBABILITIES.values())))
+    phase = phase or drawn
+    urine = URINE[phase]
+    # Domain randomisation: each tissue +-15 HU beyond its phase's range (docs/phantom.md, "Calibration").
     hu_of = {k: _tissue(rng, v) + u(-15, 15) for k, v in PHASES[phase].items()}
+    if on["fatty_liver"]:  # steatosis: the liver at least 10 HU under the spleen
+        hu_of["liver"] = min(hu_of["liver"], hu_of["spleen"]) - u(10, 45)
+    found: dict = {"phase": phase, "on": on}
 
     # Shape: the map scaled 0.85-1.15 (a little anisotropically), turned up to 8 degrees.
     scale = u(0.88, 1.12) * u(0.95, 1.05, 3)
@@ -348,6 +830,31 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     organs = ndimage.map_coordinates(atlas.label, coords, order=0, mode="constant", cval=0)
     del coords, elastic
 
+    # Organ size: hepato- and splenomegaly grow down and forward from the organ's top; a kidney shrunk
+    # (atrophy) or gone (nephrectomy, agenesis: its label removed with it).
+    free = (organs == 0) & cavity
+    for value, name in ((1, "hepatomegaly"), (3, "splenomegaly")):
+        if on[name] and (organs == value).any():
+            idx = np.argwhere(organs == value)
+            top = _world(c, idx).mean(0)
+            top[2] = c.z[idx[:, 2].max()]
+            _rescale_organ(c, organs, value, u(1.15, 1.4), top, free | (organs == value))
+    kidney_values = [v for v in (2, 13) if (organs == v).any()]
+    if on["missing_kidney"] and kidney_values:
+        organs[organs == int(rng.choice(kidney_values))] = 0
+    elif on["atrophic_kidney"] and kidney_values:
+        v = int(rng.choice(kidney_values))
+        _rescale_organ(c, organs, v, u(0.55, 0.8), _world(c, np.argwhere(organs == v)).mean(0), free)
+    # Masses and cysts outside the organs, pressed against them (background), and real renal
+    # tumours and cysts (KiTS23) on a kidney. Their HU is painted now: later painters keep off MASS.
+    found["mass"] = _paint_mass(c, rng, organs, cavity, phase) if on["mass"] else np.zeros(grid.shape, bool)
+    found["renal_mass"] = np.zeros(grid.shape, bool)
+    if on["renal_mass"] and lesions:
+        shape = lesions[int(rng.integers(len(lesions)))]
+        found["renal_mass"] = _paste_renal_lesion(c, rng, organs, shape, phase, hu_of)
+    pasted = found["renal_mass"] & (organs != MASS)
+    saved = c.hu[pasted]
+
     hu = c.hu
     # Perirenal fat: the kidneys sit in a fat capsule 3-12 mm thick, the retroperitoneum's sharpest cue.
     kidneys = (organs == 2) | (organs == 13)
@@ -359,15 +866,22 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     hu[liver] = hu_of["liver"] + 6 * tex[liver]
     vessels = _smooth_noise(rng, grid.shape, 20)
     hu[liver & (np.abs(vessels) < u(0.02, 0.05))] = hu_of["vein"] if phase != "arterial" else hu_of["liver"] - 10
-    # Lesions keep their organ's label (as in FLARE22, LiTS, IRCAD): hypodense metastases or cysts
-    # in a third of livers (0-45 HU, 5-25 mm), simple cysts (0-20 HU) in a fifth of kidneys.
-    for organ, prob, count, hu_range in ((1, 0.35, 6, (0, 45)), (2, 0.2, 2, (0, 20)), (13, 0.2, 2, (0, 20))):
-        if rng.random() < prob:
-            _paint_lesions(c, rng, organs == organ, int(rng.integers(1, count + 1)), hu_range)
     spleen = organs == 3
     hu[spleen] = hu_of["spleen"] + (25 if phase == "arterial" else 5) * tex[spleen]
+    exits = {}
+    found["collecting"] = np.zeros(grid.shape, bool)
     for v in (2, 13):
-        _fill_kidney(hu, organs == v, grid.spacing, rng, hu_of)
+        exits[v], system = _paint_kidney(c, organs, v, rng, hu_of, urine, 0.0, spine_y)
+        found["collecting"] |= system
+    hu[pasted] = saved  # the pasted renal lesion's intrarenal part
+    # Lesions inside an organ keep its label (as in FLARE22, LiTS, IRCAD).
+    found["lesions"] = np.zeros(grid.shape, bool)
+    for name, value, count, radius in (("liver_lesions", 1, 6, (5, 40)), ("kidney_lesions", 2, 3, (5, 25)),
+                                       ("kidney_lesions", 13, 3, (5, 25)), ("spleen_lesions", 3, 3, (5, 20))):
+        if on[name]:
+            organ_hu = hu_of["liver"] if value == 1 else hu_of["spleen"] if value == 3 else hu_of["cortex"]
+            found["lesions"] |= _paint_lesions(c, rng, organs == value, int(rng.integers(1, count + 1)), organ_hu,
+                                               phase, radius)
     hu[organs == 4] = u(40, 110) + u(-15, 15)  # pancreas
     hu[organs == 5] = hu_of["aorta"]
     hu[organs == 6] = hu_of["vein"]
@@ -390,24 +904,44 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     c.label = TO_OURS[organs]
 
     _paint_ribs(c, rng, rho, a, fat, wall, bottom, atlas.z_left_kidney * scale[2])
+    where = {"bladder": None, "heads": []}
     if bottom < z_crest:
-        _paint_pelvis(c, rng, cavity, organs, spine_y, vert_r, z_crest, a)
-    # Scanner: sharp thin-slice to smooth thick-slice reconstructions, noisy to clean.
-    return _scan(c, rng, (0.5, 2.0), (5, 40), (0.3, 1.5), slice_mm), c.label, grid.affine
+        where = _paint_pelvis(c, rng, cavity, organs, spine_y, vert_r, z_crest, a, urine)
+    found["ureter"] = np.zeros(grid.shape, bool)
+    if urine[0] > 100:  # opacified ureters down to the bladder (or out of view below)
+        for v, side in ((2, 1.0), (13, -1.0)):
+            if exits.get(v) is not None:
+                end = where["bladder"] if where["bladder"] is not None else np.array(
+                    [side * u(30, 50), spine_y + u(30, 60), bottom - 20])
+                found["ureter"] |= _paint_ureter(c, rng, exits[v], side, spine_y, vert_r, end, urine,
+                                                 (organs == 0) & cavity)
+    found["ascites"] = np.zeros(grid.shape, bool)
+    if on["ascites"]:
+        found["ascites"] = _paint_ascites(c, rng, organs, cavity, rho, a, fat, wall, spine_y, vert_r,
+                                          atlas.liver_top * scale[2] - 10)
+    found["metal"] = np.zeros(grid.shape, bool)
+    if on["metal"]:
+        found["metal"] = _paint_metal(c, rng, rho < 1.0, spine_y, vert_r, where["heads"])
+    if info is not None:
+        info.update(found, painted=c.hu.copy(), organs=organs)
+    # Scanner: sharp thin-slice to smooth thick-slice reconstructions, noisy to clean; low-dose
+    # scans far noisier.
+    noise = (40, 90) if on["low_dose"] else (5, 40)
+    return _scan(c, rng, (0.5, 2.0), noise, (0.3, 1.5), slice_mm), c.label, grid.affine
 
 
 def phantom_volume(seed: int, kind: str, spacing: float, clip: tuple[float, float], atlas: str = ""):
     """One phantom made directly on a training grid (isotropic spacing, mm, RAS), clipped to clip
     (HU) and cropped to the body, as a dataset.Volume: what train.py --stream trains on, with no
     files written. kind: "procedural" (make_phantom), "atlas" (make_atlas_phantom: organ shapes from the
-    FLARE22 label maps in the folder atlas) or "mixed" (even seeds procedural, odd ones atlas).
+    label maps in the folders atlas, comma-separated) or "mixed" (even seeds procedural, odd ones atlas).
     Each gets a slice profile of 0.5-5 mm, as the scans it stands for had before resampling."""
     from dataset import body_volume
 
     slice_mm = float(np.random.default_rng([seed, 1]).uniform(0.5, 5.0))
     if kind == "atlas" or (kind == "mixed" and seed % 2):
-        atlases = [load_atlas(str(p)) for p in atlas_paths(atlas)]
-        hu, label, affine = make_atlas_phantom(seed, atlases, (spacing,) * 3, slice_mm)
+        atlases, lesions = load_sources(atlas)
+        hu, label, affine = make_atlas_phantom(seed, atlases, (spacing,) * 3, slice_mm, lesions)
     else:
         hu, label, affine = make_phantom(seed, (spacing,) * 3, slice_mm)
     return body_volume(f"phantom_{seed}", np.clip(hu.astype(np.float32), *clip), label, affine, clip)

