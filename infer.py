@@ -12,7 +12,8 @@ a DICOM series folder (slices ordered by position, rescale slope and intercept a
 orientation from the headers), or a folder of DICOM series folders.
 
 Output: a uint8 label NIfTI (0 background, 1 liver, 2 right kidney, 3 left kidney, 4 spleen) with
-exactly the input's shape and affine (sform and qform), so it lies on the CT in any viewer; for a
+exactly the input's shape (a 4D input with a trailing axis of size 1 included) and affine (sform
+and qform), so it lies on the CT in any viewer; for a
 folder input, a folder of them named after the inputs (CASE_0000.nii.gz -> CASE.nii.gz). Beside
 each mask, a quick-look PNG (axial, coronal, sagittal; --no-png to skip). An existing output is
 replaced only with --overwrite.
@@ -704,12 +705,33 @@ def coverage_warnings(labels: np.ndarray, affine: np.ndarray, volumes: dict[str,
 # ---------------------------------------------------------------------------------------------
 
 
-def describe(hu: np.ndarray, affine: np.ndarray) -> str:
+def stored_type(path: Path) -> str:
+    """The voxel type a NIfTI file or DICOM series (its first slice) stores, with its scaling:
+    "uint16 x1 -1024" (HU = 1 * stored - 1024), "int16"."""
+    if path.is_dir():
+        import pydicom
+
+        from dicom_series import dicom_files
+        from dicom_series import stored_type as dicom_type
+
+        return dicom_type(pydicom.dcmread(dicom_files(path)[0], stop_before_pixels=True))
+    import nibabel as nib
+
+    img = nib.load(str(path))  # nibabel moves the header's scaling to the data proxy
+    slope, inter = float(getattr(img.dataobj, "slope", 1.0)), float(getattr(img.dataobj, "inter", 0.0))
+    scaling = f" x{slope:g} {inter:+g}" if (slope, inter) != (1.0, 0.0) else ""
+    return f"{img.get_data_dtype().name}{scaling}"
+
+
+def describe(shape: tuple[int, ...], affine: np.ndarray, stored: str) -> str:
+    """A scan in one line: its shape as stored, the nearest axis codes (with "oblique" when the
+    axes are not the world's), voxel spacing (mm) and the stored voxel type."""
     import nibabel as nib
 
     sp = spacing_of(affine)
-    return (f"{'x'.join(map(str, hu.shape))} {''.join(nib.aff2axcodes(affine))} "
-            f"{'x'.join(f'{s:.2f}' for s in sp)} mm {hu.dtype}")
+    oblique = " oblique" if np.abs(np.asarray(affine)[:3, :3] / sp).max(0).min() < 1 - 1e-4 else ""
+    return (f"{'x'.join(map(str, shape))} {''.join(nib.aff2axcodes(affine))}{oblique} "
+            f"{'x'.join(f'{s:.2f}' for s in sp)} mm {stored}")
 
 
 def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
@@ -729,15 +751,18 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
         from dicom_series import dicom_seg
 
         dataset = dicom_seg(labels, case.source, *model_identity(seg.checkpoint))
+    # A NIfTI stored with trailing axes of size 1 (X, Y, Z, 1) is read 3D; its mask keeps its exact shape.
+    shape = header.get_data_shape() if header is not None else labels.shape
     if case.nifti:
-        save_nifti(case.output, labels, affine, header=header)
+        save_nifti(case.output, labels.reshape(shape), affine, header=header)
     if case.dicom_seg is not None:
         atomic_write(case.dicom_seg, lambda tmp: dataset.save_as(tmp, enforce_file_format=True))
     timer.lap("write")
+    line = describe(shape, affine, stored_type(case.source))
     if case.png is not None:
         from visualize import save_quicklook
 
-        save_quicklook(case.png, hu, labels, affine, title=f"{case.name}  ({describe(hu, affine)})")
+        save_quicklook(case.png, hu, labels, affine, title=f"{case.name}  ({line})")
         timer.lap("png")
     stats = organ_statistics(labels, hu, affine)
     volumes = {organ: round(s["volume_ml"], 1) for organ, s in stats.items()}
@@ -760,7 +785,7 @@ def run_case(case: Case, seg: Segmenter, args: argparse.Namespace) -> dict:
     if not args.quiet:
         steps = ", ".join(f"{k} {v:.1f}" for k, v in timer.times.items())
         organs = ", ".join(f"{k} {v:.0f}" for k, v in volumes.items())
-        print(f"{case.name}: {describe(hu, affine)} -> {' + '.join(written)} in {total:.1f} s ({steps})")
+        print(f"{case.name}: {line} -> {' + '.join(written)} in {total:.1f} s ({steps})")
         print(f"  volumes (mL): {organs}")
         if ref is not None:
             print(format_table(result["metrics"], args.tolerance))

@@ -214,6 +214,9 @@ def test_dicom_seg_only_and_refused_for_nifti(tmp_path):
     phantom_series(tmp_path / "series")
     segment(["--input", str(tmp_path / "series"), "--output", str(tmp_path / "organs.dcm")], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["organs.dcm", "organs_statistics.json", "series", "tiny.pt"]
+    import infer
+
+    assert infer.stored_type(tmp_path / "series") == "uint16 x1 -1024"  # the log line's type
     hu, affine = read_dicom_series(tmp_path / "series")
     nib.save(nib.Nifti1Image(hu, affine), tmp_path / "ct.nii.gz")
     with pytest.raises(UserError, match="ct.nii.gz: .*DICOM SEG needs the DICOM series"):

@@ -383,6 +383,27 @@ def test_statistics_for_every_scan_without_reference(ckpt, scan, tmp_path):
     assert found >= 6  # organs to measure in every case
 
 
+def test_4d_input_keeps_its_shape_and_the_log_names_the_stored_type(ckpt, scan, tmp_path, capsys):
+    """(X, Y, Z, 1) uint16 with a scaling to HU on an oblique grid: the mask has exactly that shape
+    and grid, and the log line names the stored type and the obliquity."""
+    img = nib.load(scan[0])
+    stored = (np.asarray(img.dataobj).astype(np.int32) + 1024).astype(np.uint16)[..., None]
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]]
+    ct = nib.Nifti1Image(stored, turn @ img.affine)
+    ct.header.set_slope_inter(1.0, -1024.0)
+    nib.save(ct, tmp_path / "ct.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    infer.main(infer.parse_args(["--input", str(tmp_path / "ct.nii.gz"), "--output", str(out), "--checkpoint", str(ckpt),
+                                 "--device", "cpu", "--no-png"]))
+    mask = nib.load(out)
+    assert mask.shape == stored.shape
+    np.testing.assert_allclose(mask.affine, ct.affine, atol=1e-5)
+    line = next(li for li in capsys.readouterr().out.splitlines() if li.startswith("ct: "))
+    assert line.startswith(f"ct: {'x'.join(map(str, stored.shape))} ") and " oblique " in line, line
+    assert "uint16 x1 -1024" in line and "float" not in line, line
+
+
 @pytest.mark.parametrize("problem", ["missing", "2d", "other_model", "corrupt", "state_dict", "missing_folder",
                                      "ref_shape"])
 def test_bad_input_is_one_clear_error(problem, ckpt, scan, tmp_path):
