@@ -240,8 +240,7 @@ def collect_cases(args: argparse.Namespace) -> tuple[list[Case], bool]:
     if single and (is_nifti(out) or seg_only):
         check_writable_folder(out.parent, out, "--output")
         outputs = [out.with_suffix(".nii.gz")] if seg_only else [out]
-        png_of = out.with_name(case_name(out) + ".png")
-        pngs = [png_of]
+        pngs = [outputs[0].with_name(case_name(outputs[0]) + ".png")]
     else:
         if is_nifti(out):
             raise UserError(f"{out}: a file name, but {src} holds {len(sources)} scans; pass a folder as --output")

@@ -140,7 +140,7 @@ def phantom_series(folder, oblique=0.0):
                         slope=1.0, intercept=-1024.0)
 
 
-def segment(args, tmp_path):
+def segment(args, tmp_path, png=False):
     import torch
     from test_infer import make_checkpoint
 
@@ -150,7 +150,8 @@ def segment(args, tmp_path):
     if not ckpt.exists():
         make_checkpoint(ckpt)
     with torch.inference_mode():
-        return infer.main(infer.parse_args([*args, "--checkpoint", str(ckpt), "--device", "cpu", "--quiet", "--no-png"]))
+        return infer.main(infer.parse_args([*args, "--checkpoint", str(ckpt), "--device", "cpu", "--quiet",
+                                            *([] if png else ["--no-png"])]))
 
 
 def test_dicom_seg_lies_on_the_source_slices(tmp_path):
@@ -212,8 +213,9 @@ def test_dicom_seg_lies_on_the_source_slices(tmp_path):
 
 def test_dicom_seg_only_and_refused_for_nifti(tmp_path):
     phantom_series(tmp_path / "series")
-    segment(["--input", str(tmp_path / "series"), "--output", str(tmp_path / "organs.dcm")], tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["organs.dcm", "organs_statistics.json", "series", "tiny.pt"]
+    segment(["--input", str(tmp_path / "series"), "--output", str(tmp_path / "organs.dcm")], tmp_path, png=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["organs.dcm", "organs.png", "organs_statistics.json", "series",
+                                                          "tiny.pt"]
     import infer
 
     assert infer.stored_type(tmp_path / "series") == "uint16 x1 -1024"  # the log line's type
