@@ -1,12 +1,15 @@
 """Phantoms on real organ shapes: SynthSeg's idea (Billot et al., 2023) for abdominal CT.
 
-The organs come from real label maps (FLARE22 training labels: liver, kidneys, spleen, pancreas,
-aorta, IVC, adrenals, gallbladder, oesophagus, stomach, duodenum), each case one map under a
-random affine and smooth elastic deformation. Every organ is filled with a HU value drawn for a
-contrast phase, and the rest of the body (skin, fat, muscle wall, spine, ribs, psoas, bowel, colon, lung
-bases, table, arms) is painted procedurally around them by phantom.py's helpers. Domain
-randomisation is wider than the procedural phantom's: per-tissue HU offsets, scanner blur and
-noise from thin-slice sharp to thick-slice smooth, partial fields of view, arms at the sides.
+The organs come from real label maps (FLARE22 and BTCV: liver, kidneys, spleen and, where the map
+has them, pancreas, aorta, IVC, adrenals, gallbladder, oesophagus, stomach, duodenum), each case one
+map under a random affine and smooth elastic deformation; KiTS23 maps, when given, add real renal
+tumour and cyst shapes. Every organ is filled with a HU value drawn for one of five contrast
+phases, pathology and artefacts are switched on per case with the probabilities below, and the
+rest of the body (skin, fat, muscle wall, spine, ribs, psoas, bowel, colon, lung bases, pelvis,
+table, arms) is painted procedurally around the organs by phantom.py's helpers.
+
+docs/phantom.md describes the design: what is painted, the calibration and its sources, the
+randomisation ranges and probabilities, and the labelling conventions.
 
 A map is placed by its anatomy: the spine's axis is taken midway between the kidneys in x, 30 mm
 behind the aorta's centre in y (vertebral radius 16-21 mm plus the aorta's), z = 0 at the kidneys'
@@ -585,7 +588,8 @@ def _paint_metal(c: Canvas, rng: np.random.Generator, body: np.ndarray, spine_y:
         for head in heads[:int(rng.integers(1, 3))]:
             objects.append((head, u(20, 26), u(20, 26)))
     else:
-        while len(objects) < int(rng.integers(1, 5)) or not objects:
+        clips = int(rng.integers(1, 5))
+        while len(objects) < clips:
             idx = np.array([int(rng.integers(n)) for n in c.grid.shape])
             if body[tuple(idx)]:
                 objects.append((_world(c, idx[None])[0], u(1, 2.5), u(2, 6)))
@@ -882,7 +886,7 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
             organ_hu = hu_of["liver"] if value == 1 else hu_of["spleen"] if value == 3 else hu_of["cortex"]
             found["lesions"] |= _paint_lesions(c, rng, organs == value, int(rng.integers(1, count + 1)), organ_hu,
                                                phase, radius)
-    hu[organs == 4] = u(40, 110) + u(-15, 15)  # pancreas
+    hu[organs == 4] = u(10, 110) + u(-15, 15)  # pancreas, fatty in the old (TotalSegmentator example: -7)
     hu[organs == 5] = hu_of["aorta"]
     hu[organs == 6] = hu_of["vein"]
     hu[(organs == 7) | (organs == 8)] = u(10, 60)  # adrenals

@@ -389,9 +389,8 @@ def make_phantom(seed: int, spacing: tuple[float, float, float] | None = None, s
         c.paint(box, mask, tex, SPLEEN)
 
     # Kidneys, 0.12-0.2 L each: posterior beside the spine, upper pole medial and posterior,
-    # hilum facing anteromedially; cortex, medulla and sinus fat (the sinus is not kidney), inside
-    # their perirenal fat (2-12 mm, -110 to -70 HU), which parts them from liver and spleen even where
-    # no contrast does (native kidneys measure 25-40 HU, within 30 HU of the liver).
+    # hilum facing anteromedially; cortex, medulla, the hilar notch of sinus fat (background, as in
+    # the real maps: docs/phantom.md, "Labelling conventions") and perirenal fat (2-12 mm, -110 to -70 HU).
     for side, label, zc in ((1, RIGHT_KIDNEY, z_kid_r), (-1, LEFT_KIDNEY, z_kid_l)):
         center = np.array([side * (vert_r + u(38, 52)), spine_y + u(-5, 15), zc])
         radii = np.array([u(22, 30), u(22, 28), u(48, 60)])
