@@ -425,7 +425,9 @@ def _push(c: Canvas, organs: np.ndarray, center: np.ndarray, radius: float, push
     organs[box] = _warp_box(c, organs, box, [center[i] + d[i] * ratio for i in range(3)])
 
 
-MASS_SITES = ("hepatic", "renal", "adrenal", "pancreatic", "duodenal", "retroperitoneal", "splenic")
+# Where extra-organ masses arise, and how often (hepatic and renal cysts are the commonest).
+MASS_SITES = {"hepatic": 0.25, "renal": 0.25, "adrenal": 0.1, "pancreatic": 0.1, "duodenal": 0.08,
+              "retroperitoneal": 0.12, "splenic": 0.1}
 
 
 def _mass_site(c: Canvas, rng: np.random.Generator, organs: np.ndarray, site: str, radius: float
@@ -478,7 +480,8 @@ def _paint_mass(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity:
     mask = np.zeros(organs.shape, dtype=bool)
     before = {v: int((organs == v).sum()) for v in (1, 2, 3, 13)}
     saved = organs.copy()
-    for attempt in [site] if site else rng.permutation(MASS_SITES)[:3]:  # a map may lack the site's organ
+    sites = [site] if site else rng.choice(list(MASS_SITES), 3, replace=False, p=list(MASS_SITES.values()))
+    for attempt in sites:  # up to three: a map may lack the site's organ
         radius = float(np.exp(u(np.log(10), np.log(75))))  # 2-15 cm across, small ones commoner
         center = _mass_site(c, rng, organs, str(attempt), radius)
         if center is None:
