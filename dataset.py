@@ -1274,7 +1274,8 @@ class PatchDataset(Dataset):
 
     Item i of epoch e depends only on (seed, e, i), so runs are reproducible with any number of
     DataLoader workers and a resumed run draws what an uninterrupted one would.
-    Returns image (1, *patch) float32 (normalised) and label (*patch) int64; with defer=True, the
+    Returns image (1, *patch) float32 (normalised) and label (*patch) uint8 (an eighth of int64's
+    shared memory between loader processes; the training loop widens it on the device); with defer=True, the
     un-warped crop and the augmentation still to apply (augment_batch does it for a whole batch).
     """
 
@@ -1341,7 +1342,7 @@ class PatchDataset(Dataset):
         # Normalising after the warp touches the patch, not the larger crop (both steps are linear).
         image = image.sub_(self.prep.mean).div_(self.prep.std)
         image = augment_intensity(image, rng, self.aug)
-        return image.contiguous(), label.long()
+        return image.contiguous(), label
 
 
 # ---------------------------------------------------------------------------------------------

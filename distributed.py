@@ -28,6 +28,10 @@ T = TypeVar("T")
 # Generous: ranks legitimately wait on each other while rank 0 generates the phantom data set or
 # one rank finishes a slow scan; a crashed rank does not leave the others waiting, torchrun stops them.
 TIMEOUT = timedelta(minutes=60)
+# For waits whose length grows with the dataset (preprocessing a thousand CTs into the cache): on a
+# gloo group of its own, as NCCL's watchdog would end the run after TIMEOUT.
+LONG_TIMEOUT = timedelta(hours=24)
+_long_group: list = []  # the gloo group of every_rank's wait, made at its first use
 
 
 def env_rank() -> int:
@@ -101,6 +105,27 @@ class Dist:
             raise UserError(error)
         return shared if share else result
 
+    def every_rank(self, fn: Callable[[], T]) -> T:
+        """fn() on every rank, then a wait until all have finished, with LONG_TIMEOUT (for work that
+        takes each rank as long as its share of the dataset). A UserError on any rank is raised on
+        every rank, so none waits on a rank that gave up."""
+        result, error = None, None
+        try:
+            result = fn()
+        except UserError as e:
+            if not self.enabled:
+                raise
+            error = str(e)
+        if self.enabled:
+            if not _long_group:
+                _long_group.append(dist.new_group(backend="gloo", timeout=LONG_TIMEOUT))
+            errors: list = [None] * self.world
+            dist.all_gather_object(errors, error, group=_long_group[0])
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise UserError(error)
+        return result
+
     def on_main(self, fn: Callable[[], T]) -> T:
         """fn() run by rank 0 alone (creating the run folder); every rank gets its picklable result."""
         return self._run_on_main(fn, share=True)
@@ -119,6 +144,9 @@ def setup(device_name: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name)
     if world <= 1:
+        if device.type == "cuda" and device.index is not None:
+            # The current device is GPU 0 unless set: pinned memory, the bf16 query and synchronize() follow it.
+            torch.cuda.set_device(device)
         return Dist(device=device)
     rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
@@ -137,3 +165,4 @@ def setup(device_name: str = "auto") -> Dist:
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _long_group.clear()

@@ -90,6 +90,7 @@ from utils import (
     NUM_CLASSES,
     Preprocessing,
     UserError,
+    WindowFallback,
     atomic_write,
     check_writable_folder,
     checkpoint_members,
@@ -98,6 +99,7 @@ from utils import (
     label_counts,
     load_checkpoint,
     load_nifti,
+    mixed_precision_dtype,
     model_from_checkpoint,
     preprocess_image,
     probs_to_input_grid,
@@ -473,9 +475,8 @@ class Segmenter:
             raise UserError(f"--sw-batch {sw_batch}: must be at least 1")
         self.roi = window or tuple(max(r, MIN_WINDOW) for r in roi)
         self.overlap = overlap
-        self.sw_batch = sw_batch
+        self.windows = WindowFallback(sw_batch, device, "--sw-batch")
         self.device = device
-        self.stitch_on_cpu = False  # set by the out-of-memory fallback
         trained = trained_mirror_axes(ckpt)
         if tta_axes == "" and not trained:
             # Mirrored passes only help a model that has seen mirrored anatomy (the shipped one has not).
@@ -486,9 +487,7 @@ class Segmenter:
         if untrained:
             warn(f"--tta-axes {tta_axes}: {checkpoint} was not trained mirroring axis {untrained}; a model that "
                  f"knows which way is up and which side is right gets worse from those passes")
-        self.amp_dtype = None
-        if amp and device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = mixed_precision_dtype(device) if amp else None
         if len(self.renorm) != len(self.models):
             raise UserError(f"{checkpoint}: {len(self.models)} ensemble members but {len(self.renorm)} "
                             f"member_preprocessing entries; rebuild it with train.py --ensemble")
@@ -532,41 +531,14 @@ class Segmenter:
     def _probabilities(self, volume: torch.Tensor) -> torch.Tensor:
         x = volume.to(self.device)[None, None]
         air = (self.prep.clip[0] - self.prep.mean) / self.prep.std
-        return sliding_window_inference(x, self.window_for(tuple(volume.shape)), self.sw_batch, self.predictor,
-                                         overlap=self.overlap, pad_value=air,
-                                         out_device="cpu" if self.stitch_on_cpu else None)[0]
-
-    def _can_fall_back(self) -> bool:
-        return self.sw_batch > 1 or not self.stitch_on_cpu
-
-    def _fall_back(self, reason: str) -> None:
-        """After an out-of-memory error: the next lighter setting (half the windows per network
-        call down to one, then the sums kept on the CPU), announced on stderr. Settings stay
-        lighter for the scans that follow."""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if self.sw_batch > 1:
-            self.sw_batch = max(1, self.sw_batch // 2)
-            warn(f"out of memory on {self.device} ({reason}); retrying with {self.sw_batch} window(s) per network "
-                 f"call (--sw-batch {self.sw_batch})")
-        else:
-            self.stitch_on_cpu = True
-            warn(f"out of memory on {self.device} with one window per call ({reason}); retrying with the windows "
-                 f"stitched on the CPU (slower)")
+        return sliding_window_inference(x, self.window_for(tuple(volume.shape)), self.windows.sw_batch, self.predictor,
+                                         overlap=self.overlap, pad_value=air, out_device=self.windows.out_device)[0]
 
     def probabilities(self, volume: torch.Tensor) -> torch.Tensor:
         """(X', Y', Z') normalised CT on the preprocessed grid -> (C, X', Y', Z') float32
         probabilities on the model's device (on the CPU once stitching has fallen back there).
-        Out of GPU memory, retries with lighter settings (_fall_back) before giving up."""
-        while True:
-            try:
-                return self._probabilities(volume)
-            except torch.OutOfMemoryError as e:
-                if not self._can_fall_back():
-                    raise
-                reason = first_line(e, 80)
-            # Outside the except block, so the failed attempt's tensors are freed with its traceback.
-            self._fall_back(reason)
+        Out of GPU memory, retries with lighter settings (utils.WindowFallback) before giving up."""
+        return self.windows.run(lambda: self._probabilities(volume))
 
     def segment(self, hu: np.ndarray, affine: np.ndarray, postprocess: bool = True, timer: Timer | None = None
                 ) -> np.ndarray:
@@ -820,7 +792,8 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(cases[0].error)
     d = distributed.setup(args.device)
     device = d.device
-    configure_torch(device)
+    # A folder's scans give windows of many shapes: cuDNN would time its algorithms anew for each.
+    configure_torch(device, autotune=single)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // d.local_world))
     seg = Segmenter(resolve_checkpoint(args.checkpoint), device,
                     parse_window(args.window), args.overlap, args.sw_batch,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import inspect
 import json
 import math
@@ -68,12 +69,15 @@ from utils import (
     ORGANS,
     Preprocessing,
     UserError,
+    WindowFallback,
     atomic_write,
     check_writable_folder,
     checkpoint_members,
     configure_torch,
+    cudnn_autotune,
     dice_per_organ,
     load_checkpoint,
+    mixed_precision_dtype,
     model_from_checkpoint,
     run_cli,
     save_checkpoint,
@@ -105,7 +109,7 @@ class TrainConfig:
     patience: int = 10  # early stopping: epochs without a better mean validation Dice
     seed: int = 0
     workers: int = -1  # DataLoader workers; -1: one per spare CPU core (max 8) on CUDA, 0 on CPU
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler)
+    amp: bool = True  # mixed precision on CUDA (bf16 where the GPU has it natively, else fp16 with a scaler)
     compile: bool = False  # torch.compile the training step's model (on a CPU it made steps slower)
     gpu_augment: bool = False  # warp and intensity augmentation batched on the device, not in the loader
     synthetic_cases: int = 40  # phantoms generated when no dataset is found
@@ -135,7 +139,6 @@ class TrainConfig:
             # loader process would preempt its threads (oneDNN waits on the slowest one), so patches
             # are made in-process there (~50 ms against a >1 s step).
             c.workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
-        c.amp = c.amp and cuda
         return c
 
 
@@ -190,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default 0: off, the final weights)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this many minutes, whole run (default: 13 on CPU with default settings, none on CUDA)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N; with --resume, the interrupted run's "
+                   "device unless given")
     p.add_argument("--resume", default="", help="run folder or last.pt to continue (default: start a new run)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only, so a seed always gives the same weights, also across --resume "
@@ -229,10 +233,13 @@ def cache_dir(cfg: TrainConfig) -> Path | None:
     return Path(cfg.cache).expanduser() if cfg.cache else default_cache_dir()
 
 
-def load_volumes(data: Path, cfg: TrainConfig, report: bool = True
+def load_volumes(data: Path, cfg: TrainConfig, d: distributed.Dist | None = None
                  ) -> tuple[list[Volume], list[Volume], Preprocessing, str]:
     """(training volumes, validation volumes, preprocessing with the training set's intensity
-    statistics, label map name); report: print notes and progress (one rank of several does)."""
+    statistics, label map name). Under torchrun (d), rank 0 prints notes and progress, and every
+    rank preprocesses its share of the cases into the cache before all map every entry."""
+    d = d or distributed.Dist()
+    report = d.main
     found = discover(data)
     cases = found.cases
     if len(cases) < 2:
@@ -244,7 +251,14 @@ def load_volumes(data: Path, cfg: TrainConfig, report: bool = True
             print(f"note: {note}")
     prep = Preprocessing(spacing=(cfg.spacing,) * 3)
     workers = max(1, min(4, os.cpu_count() or 1, len(cases)))
-    volumes = prepare_volumes(cases, maps, prep, cache_dir(cfg), workers, progress=report)
+    cache = cache_dir(cfg)
+    if d.enabled and cache is not None:
+        # Entries are written atomically, so ranks fill disjoint shares side by side; they then wait
+        # for each other on a long gloo timeout (rank 0 alone building a large dataset outlasted
+        # NCCL's watchdog while the others waited in a collective).
+        d.every_rank(lambda: prepare_volumes(cases[d.rank::d.world], maps[d.rank::d.world], prep, cache,
+                                             max(1, workers // d.local_world), progress=report))
+    volumes = prepare_volumes(cases, maps, prep, cache, workers, progress=report)
     # A datalist's "validation" entries (or TotalSegmentator's val split) are the validation set; else a random share.
     val_idx = {i for i, c in enumerate(cases) if c.split == "validation"}
     if len(val_idx) == len(cases):
@@ -275,21 +289,31 @@ def lr_lambda(cfg: TrainConfig):
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, volumes: list[Volume], prep: Preprocessing, cfg: TrainConfig,
-             device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
+             device: torch.device, amp_dtype: torch.dtype | None, windows: WindowFallback | None = None
+             ) -> dict[str, float]:
     """Per-organ Dice on whole validation volumes, on the training grid (sliding window): training-grid
     Dice, not the scans' own grid's (infer.py --label scores that); resampling a perfect mask
-    from a 5 mm grid alone costs the kidneys about 0.05 on the scan's grid."""
+    from a 5 mm grid alone costs the kidneys about 0.05 on the scan's grid. Out of GPU memory, fewer
+    windows per call, then the sums kept on the CPU (windows: those settings, which stay lighter for
+    later calls; default 4 windows per call)."""
+    windows = windows or WindowFallback(4, device)
     model.eval()
     scores = {o: [] for o in ORGANS}
+
+    def probabilities(x: torch.Tensor, roi: tuple[int, ...]) -> torch.Tensor:
+        # No cuDNN autotuning: the windows change shape with the volume, and each new shape would be timed.
+        with cudnn_autotune(False), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return sliding_window_inference(x, roi, windows.sw_batch, model, overlap=0.25,
+                                            pad_value=(prep.clip[0] - prep.mean) / prep.std,
+                                            out_device=windows.out_device)
+
     for v in volumes:
         # Windows as large as the volume (up to three patches a side): fewer, bigger windows waste less
         # work on overlaps, and the network is fully convolutional.
         roi = tuple(min(-(-s // 16) * 16, 3 * cfg.patch) for s in v.image.shape)
         x = ((torch.from_numpy(np.array(v.image, dtype=np.float32)) - prep.mean) / prep.std)[None, None].to(device)
         x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            probs = sliding_window_inference(x, roi, 4, model, overlap=0.25,
-                                             pad_value=(prep.clip[0] - prep.mean) / prep.std)
+        probs = windows.run(functools.partial(probabilities, x, roi))
         pred = probs[0].argmax(0).cpu()
         for organ, d in dice_per_organ(pred, torch.from_numpy(np.array(v.label))).items():
             scores[organ].append(d)
@@ -663,6 +687,20 @@ def to_training_layout(model: torch.nn.Module, device: torch.device) -> torch.nn
     return model.to(memory_format=torch.channels_last_3d) if device.type == "cuda" else model
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """opt.load_state_dict(state), then each moment put in its parameter's memory layout. Moments keep
+    the layout they were saved in (channels-last from a CUDA run, whose weights are so) while the
+    parameters here may not be: the fused kernels walk both as one flat array, so on a CPU the
+    updates landed on the wrong weights, and CUDA's fused AdamW refuses the mismatch."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        for param in group["params"]:
+            moments = opt.state.get(param, {})
+            for name, value in moments.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    moments[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP that syncs gradients only: each rank's BatchNorm statistics follow its own patches until
     average_buffers (newer torch spells broadcast_buffers=False forward_sync_buffers=False)."""
@@ -681,13 +719,14 @@ def average_buffers(model: torch.nn.Module, d: distributed.Dist) -> None:
 
 
 def validate_ranks(model: torch.nn.Module, volumes: list[Volume], prep: Preprocessing, cfg: TrainConfig,
-                   device: torch.device, amp_dtype: torch.dtype | None, d: distributed.Dist) -> dict[str, float]:
+                   device: torch.device, amp_dtype: torch.dtype | None, d: distributed.Dist,
+                   windows: WindowFallback | None = None) -> dict[str, float]:
     """validate() with the volumes split over the ranks (every world-th), its means combined
     weighted by volume counts: the all-volume means, identical on every rank."""
     if not d.enabled:
-        return validate(model, volumes, prep, cfg, device, amp_dtype)
+        return validate(model, volumes, prep, cfg, device, amp_dtype, windows)
     mine = volumes[d.rank::d.world]
-    parts = d.gather((validate(model, mine, prep, cfg, device, amp_dtype) if mine else {}, len(mine)))
+    parts = d.gather((validate(model, mine, prep, cfg, device, amp_dtype, windows) if mine else {}, len(mine)))
     total = sum(n for _, n in parts)
     return {k: sum(m[k] * n for m, n in parts if n) / total for k in parts[0][0]}
 
@@ -714,6 +753,8 @@ def main(args: argparse.Namespace) -> dict:
         cfg = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
         if args.epochs:
             cfg.epochs = args.epochs
+        if args.device != TrainConfig.device:  # a run may continue on another device (a CPU run on a GPU)
+            cfg.device = args.device
         cfg.deterministic = cfg.deterministic or args.deterministic
     else:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "max_minutes"})
@@ -765,10 +806,7 @@ def main(args: argparse.Namespace) -> dict:
         prep.mean, prep.std = intensity_stats(train_vols, prep.clip)
     else:
         data = d.main_first(lambda: resolve_data(cfg))  # rank 0 generates the phantoms, the others then find them
-        if cache_dir(cfg) is None:
-            train_vols, val_vols, prep, label_map = load_volumes(data, cfg, report=d.main)
-        else:  # rank 0 fills the cache, the others then map it
-            train_vols, val_vols, prep, label_map = d.main_first(lambda: load_volumes(data, cfg, report=d.main))
+        train_vols, val_vols, prep, label_map = load_volumes(data, cfg, d)
     if source is not None:
         # The weights learned on the normalisation they came with; a resumed or fine-tuned run keeps it.
         prep = Preprocessing.from_dict(source["preprocessing"])
@@ -784,7 +822,7 @@ def main(args: argparse.Namespace) -> dict:
         loader = DataLoader(EpochPatches(train_set), batch_size=cfg.batch_size, sampler=sampler,
                             num_workers=cfg.workers, collate_fn=collate_crops if cfg.gpu_augment else None,
                             pin_memory=device.type == "cuda", persistent_workers=persistent,
-                            prefetch_factor=4 if cfg.workers > 0 else None)
+                            prefetch_factor=2 if cfg.workers > 0 else None)
         return sampler, loader
 
     sampler, loader = make_loader(train_vols)
@@ -811,17 +849,15 @@ def main(args: argparse.Namespace) -> dict:
     if ema is not None and state is not None:
         model.load_state_dict(state["train_weights"])
     kept = ema.model if ema is not None else model  # the weights validation scores and checkpoints hold
-    amp_dtype = None
-    if cfg.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = mixed_precision_dtype(device) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     history: list[dict] = []
     best, best_epoch, start_epoch = -1.0, -1, 0
     if state is not None:  # the model already holds its weights (model_from_checkpoint)
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        if "scaler" in state:
+        if scaler.is_enabled() and state.get("scaler"):  # fp16 then and now; else the scale starts afresh
             scaler.load_state_dict(state["scaler"])
         history = list(state["history"])
         best, best_epoch, start_epoch = state["best_metric"], state["best_epoch"], state["epoch"] + 1
@@ -874,51 +910,17 @@ def main(args: argparse.Namespace) -> dict:
     if state is not None and d.main:
         repair_run_dir(run_dir, state, history)
 
-    # Training loop
-    stopped = "finished all epochs"
     planned_epochs, epoch_minutes = cfg.epochs, []
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.epochs):
+    val_windows = WindowFallback(4, device)  # lighter after an out-of-memory error, for the epochs that follow
+
+    def end_epoch(epoch: int, trained: dict) -> str | None:
+        """Validation of the epoch trained (its row so far: epoch, lr, train_loss, seconds), its row in
+        the history, the checkpoints, and rank 0's decision for all: why to stop, or None."""
+        nonlocal best, best_epoch
         t0 = time.time()
-        if stream is not None and epoch != start_epoch:
-            train_vols = stream.volumes(epoch, prep.clip)
-            sampler, loader = make_loader(train_vols)
-        model.train()
-        seed_epoch(cfg.seed, epoch, d.rank)
-        sampler.set_epoch(epoch)
-        losses = []
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=not d.main)
-        for batch in bar:
-            if cfg.gpu_augment:
-                image, label = augment_batch(batch, prep, aug, device)
-            else:
-                image, label = (t.to(device, non_blocking=True) for t in batch)
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = net(image)
-            loss = loss_fn(logits.float(), label)
-            # The mean over ranks: logged, and checked by every rank alike, so all stop together.
-            mean_loss = d.all_reduce_mean_(loss.detach().clone()) if d.enabled else loss
-            if not torch.isfinite(mean_loss):
-                raise UserError(f"loss became {mean_loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update(model)
-            losses.append(mean_loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if d.enabled:
-            average_buffers(model, d)
-            if ema is not None:
-                average_buffers(ema.model, d)
-        metrics = validate_ranks(kept, val_vols, prep, cfg, device, amp_dtype, d)
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
-               **{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(time.time() - t0, 1)}
+        metrics = validate_ranks(kept, val_vols, prep, cfg, device, amp_dtype, d, val_windows)
+        row = {**{k: v for k, v in trained.items() if k != "seconds"}, **{k: round(v, 4) for k, v in metrics.items()},
+               "seconds": round(trained["seconds"] + time.time() - t0, 1)}
         history.append(row)
         improved = metrics["mean"] > best + 1e-4
         if improved:
@@ -942,7 +944,7 @@ def main(args: argparse.Namespace) -> dict:
             # Fit the remaining epochs (and so the LR schedule) into the time budget, re-estimated
             # every epoch from the median epoch so far: the first is slower (warm-up, first-touch
             # memory), and estimating from it alone left minutes of the budget unused.
-            epoch_minutes.append((time.time() - t0) / 60)
+            epoch_minutes.append(row["seconds"] / 60)
             elapsed = (time.time() - t_start) / 60
             per_epoch = float(np.median(epoch_minutes[1:] or epoch_minutes))
             fits = min(planned_epochs, max(epoch + 1, epoch + 1 + int((cfg.max_minutes - elapsed) / per_epoch)))
@@ -954,6 +956,58 @@ def main(args: argparse.Namespace) -> dict:
                 stop = f"time budget of {cfg.max_minutes:g} min reached"
         # Rank 0 decides for all: clocks differ between ranks, and all must leave the loop together.
         stop, cfg.epochs = d.broadcast((stop, cfg.epochs))
+        return stop
+
+    # Training loop
+    epoch = start_epoch - 1
+    # A run stopped while validating (killed, or out of memory) saved its epoch's training: validate it first.
+    stop = end_epoch(epoch, state["unvalidated"]) if state is not None and state.get("unvalidated") else None
+    stopped = stop or "finished all epochs"
+    for epoch in range(start_epoch, cfg.epochs if stop is None else start_epoch):
+        t0 = time.time()
+        if stream is not None and epoch != start_epoch:
+            train_vols = stream.volumes(epoch, prep.clip)
+            sampler, loader = make_loader(train_vols)
+        model.train()
+        seed_epoch(cfg.seed, epoch, d.rank)
+        sampler.set_epoch(epoch)
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=not d.main)
+        for batch in bar:
+            if cfg.gpu_augment:
+                image, label = augment_batch(batch, prep, aug, device)
+            else:
+                image, label = (t.to(device, non_blocking=True) for t in batch)
+                label = label.long()  # uint8 from the loader: shared memory holds an eighth of int64
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = net(image)
+            loss = loss_fn(logits.float(), label)
+            # The mean over ranks: logged, and checked by every rank alike, so all stop together.
+            mean_loss = d.all_reduce_mean_(loss.detach().clone()) if d.enabled else loss
+            if not torch.isfinite(mean_loss):
+                raise UserError(f"loss became {mean_loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if ema is not None:
+                ema.update(model)
+            losses.append(mean_loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if d.enabled:
+            average_buffers(model, d)
+            if ema is not None:
+                average_buffers(ema.model, d)
+        trained = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
+                   "seconds": time.time() - t0}
+        if d.main:
+            # Saved before validating, so a validation that fails (out of memory, killed) loses no training.
+            save_checkpoint({**checkpoint(epoch, {}, full=True), "unvalidated": trained}, run_dir / "last.pt")
+        stop = end_epoch(epoch, trained)
         if stop:
             stopped = stop
             break

@@ -4,14 +4,16 @@ inverse, Gaussian sliding-window inference, Dice, atomic writes and one-line CLI
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +24,9 @@ ORGANS: list[str] = [LABELS[i] for i in range(1, len(LABELS))]
 NUM_CLASSES = len(LABELS)
 # A left-right mirror turns the patient's right kidney into a left one: the label swap it needs.
 LR_SWAP = np.array([0, 1, 3, 2, 4], dtype=np.uint8)
+
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -58,16 +63,44 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def configure_torch(device: torch.device) -> None:
+def configure_torch(device: torch.device, autotune: bool = True) -> None:
     """Global speed settings. Flushing denormals matters on CPUs: late in training, tiny
-    activations and gradients turn denormal and each operation on them costs ~100x."""
+    activations and gradients turn denormal and each operation on them costs ~100x. autotune:
+    cuDNN times its algorithms for every new input shape (worth it for training's one patch shape,
+    not for a folder of scans whose windows differ)."""
     torch.set_flush_denormal(True)
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = autotune
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def cudnn_autotune(on: bool) -> Iterator[None]:
+    """cuDNN's autotuner on or off inside the block (validation's windows change shape with every volume)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def mixed_precision_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype on device: None on a CPU (float32); on CUDA bfloat16 where the GPU computes
+    it natively (compute capability 8.0 and up), else float16, which training pairs with a GradScaler.
+    torch's is_bf16_supported() counts emulation by default and says yes on a T4 or V100, whose cuDNN
+    has no bfloat16 3D convolutions (the first step crashes or crawls)."""
+    if device.type != "cuda":
+        return None
+    with torch.cuda.device(device):
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.3 has no such argument
+            native = torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.bfloat16 if native else torch.float16
 
 
 def keep_freed_memory() -> None:
@@ -571,6 +604,48 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
         if s + roi >= size:
             break
     return starts
+
+
+class WindowFallback:
+    """Windows per network call and where a sliding window's sums are kept, made lighter after each
+    out-of-memory error on the device: half the windows per call down to one, then the sums kept on
+    the CPU. The lighter settings stay for the volumes that follow. flag: the option that sets the
+    window batch, named in the warnings."""
+
+    def __init__(self, sw_batch: int, device: torch.device, flag: str = ""):
+        self.sw_batch, self.device, self.flag = sw_batch, device, flag
+        self.stitch_on_cpu = False
+
+    @property
+    def out_device(self) -> str | None:
+        """sliding_window_inference's out_device: "cpu" once stitching has fallen back there."""
+        return "cpu" if self.stitch_on_cpu else None
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """fn(), which reads sw_batch and out_device, retried with lighter settings while it runs out
+        of memory; the error is raised when one window per call stitched on the CPU still does not fit."""
+        while True:
+            try:
+                return fn()
+            except torch.OutOfMemoryError as e:
+                if self.sw_batch <= 1 and self.stitch_on_cpu:
+                    raise
+                reason = first_line(e, 80)
+            # Outside the except block, so the failed attempt's tensors are freed with its traceback.
+            self._lighten(reason)
+
+    def _lighten(self, reason: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.sw_batch > 1:
+            self.sw_batch = max(1, self.sw_batch // 2)
+            flag = f" ({self.flag} {self.sw_batch})" if self.flag else ""
+            print(f"warning: out of memory on {self.device} ({reason}); retrying with {self.sw_batch} window(s) per "
+                  f"network call{flag}", file=sys.stderr)
+        else:
+            self.stitch_on_cpu = True
+            print(f"warning: out of memory on {self.device} with one window per call ({reason}); retrying with the "
+                  f"windows stitched on the CPU (slower)", file=sys.stderr)
 
 
 def sliding_window_inference(

@@ -186,7 +186,10 @@ class InputStage(nn.Module):
         self.act = _act(cfg.activation, cfg.base_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(x) + x.repeat(1, self.repeat, 1, 1, 1))
+        y = self.conv(x)
+        # Under autocast the convolution gives bf16/fp16 while x stays float32: adding x as it is
+        # would promote the whole full-resolution stage, and the skip it feeds, to float32.
+        return self.act(y + x.repeat(1, self.repeat, 1, 1, 1).to(y.dtype))
 
 
 class DownStage(nn.Module):

@@ -77,11 +77,21 @@ def test_patches_are_reproducible_and_foreground_oversampled():
     a_img, a_lab = ds[5]
     b_img, b_lab = ds[5]
     assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
-    assert a_img.shape == (1, 16, 16, 16) and a_lab.shape == (16, 16, 16) and a_lab.dtype == torch.int64
+    assert a_img.shape == (1, 16, 16, 16) and a_lab.shape == (16, 16, 16) and a_lab.dtype == torch.uint8
     organs = {int(v) for i in range(40) for v in torch.unique(ds[i][1])} - {0}
     assert organs == {1, 2, 3, 4}
     ds.set_epoch(3)
     assert not torch.equal(ds[5][0], a_img)
+
+
+def test_loader_ships_uint8_labels():
+    """Loader workers hand batches over in shared memory: uint8 labels take an eighth of int64's
+    (Docker's 64 MB /dev/shm gave "Bus error" at the first batch); train.py widens them on the device."""
+    for warp in (0.0, 1.0):  # the plain crop and the warped patch
+        aug = AugmentConfig(rotate_prob=warp, scale_prob=warp)
+        ds = PatchDataset(_volumes(), Preprocessing(mean=100.0, std=50.0), (16, 16, 16), 4, aug, seed=1)
+        image, label = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+        assert image.dtype == torch.float32 and label.dtype == torch.uint8 and label.shape == (4, 16, 16, 16)
 
 
 def test_flare22_map_and_unknown_values():

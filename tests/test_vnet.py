@@ -83,3 +83,16 @@ def test_vnet_gradients_do_not_depend_on_the_weight_gradient_path(monkeypatch):
     monkeypatch.setattr(vnet, "SWAPPED_WGRAD_MAX_OUT", 0)
     for ours, theirs in zip(swapped, grads()):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+
+
+@pytest.mark.parametrize("preset", ["small", "medium", "vnet"])
+def test_every_stage_runs_in_the_autocast_dtype(preset):
+    """Under bf16 autocast no stage falls back to float32: the input stage's residual is the float32
+    input repeated, and adding it as it is promoted the full-resolution stages (issue 22, item 11)."""
+    model = build_vnet(preset).eval()
+    dtypes = {}
+    for name, stage in model.named_children():
+        stage.register_forward_hook(lambda _m, _i, out, name=name: dtypes.__setitem__(name, out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 1, 16, 16, 16))
+    assert len(dtypes) == 10 and set(dtypes.values()) == {torch.bfloat16}, dtypes
