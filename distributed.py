@@ -109,6 +109,8 @@ class Dist:
         """fn() on every rank, then a wait until all have finished, with LONG_TIMEOUT (for work that
         takes each rank as long as its share of the dataset). A UserError on any rank is raised on
         every rank, so none waits on a rank that gave up."""
+        if self.enabled and not _long_group:  # made while the ranks are together, before their work diverges
+            _long_group.append(dist.new_group(backend="gloo", timeout=LONG_TIMEOUT))
         result, error = None, None
         try:
             result = fn()
@@ -117,8 +119,6 @@ class Dist:
                 raise
             error = str(e)
         if self.enabled:
-            if not _long_group:
-                _long_group.append(dist.new_group(backend="gloo", timeout=LONG_TIMEOUT))
             errors: list = [None] * self.world
             dist.all_gather_object(errors, error, group=_long_group[0])
             error = next((e for e in errors if e is not None), None)

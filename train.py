@@ -874,7 +874,8 @@ def main(args: argparse.Namespace) -> dict:
     if d.main:
         ranks = f" x {d.world} processes (batch {cfg.batch_size} each)" if d.enabled else ""
         print(f"{len(train_vols)} training / {len(val_vols)} validation cases from {data} (labels: {label_map}); "
-              f"VNet '{cfg.preset}' {count_parameters(model) / 1e6:.1f} M parameters on {device}{ranks}; "
+              f"VNet '{cfg.preset}' {count_parameters(model) / 1e6:.1f} M parameters on {device}{ranks}"
+              f"{f' in {amp_dtype} mixed precision' if amp_dtype is not None else ''}; "
               f"patch {cfg.patch}^3 at {cfg.spacing} mm; run folder {run_dir}")
 
     grid = f"{prep.spacing[0]:g} mm training grid"

@@ -95,11 +95,11 @@ def mixed_precision_dtype(device: torch.device) -> torch.dtype | None:
     has no bfloat16 3D convolutions (the first step crashes or crawls)."""
     if device.type != "cuda":
         return None
-    with torch.cuda.device(device):
-        try:
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch before 2.3 has no such argument
-            native = torch.cuda.get_device_capability(device)[0] >= 8
+    # Both ask about the current device: distributed.setup makes it the one named (cuda:N, or LOCAL_RANK's).
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no such argument
+        native = torch.cuda.get_device_capability()[0] >= 8
     return torch.bfloat16 if native else torch.float16
 
 

@@ -81,7 +81,7 @@ def run_monai(args: argparse.Namespace) -> dict:
         Spacingd,
     )
 
-    from utils import Preprocessing, load_checkpoint, model_from_checkpoint
+    from utils import Preprocessing, load_checkpoint, mixed_precision_dtype, model_from_checkpoint
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = torch.device(args.device)
@@ -102,15 +102,17 @@ def run_monai(args: argparse.Namespace) -> dict:
     t_pre = time.perf_counter()
     image = data["image"]
     roi = tuple(min(args.window, -(-s // 16) * 16) for s in image.shape[1:])
-    amp = device.type == "cuda"
+    # Like ours: infer.py's autocast dtype, and the sums kept on the model's device (stitching on the CPU
+    # is only ours's out-of-memory fallback).
+    amp_dtype = mixed_precision_dtype(device)
 
     def predictor(x):
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return model(x).float().softmax(1)
 
     with torch.no_grad():
         pred = sliding_window_inference(image[None].to(device), roi, args.sw_batch, predictor, overlap=args.overlap,
-                                        mode="gaussian", cval=(lo - prep.mean) / prep.std, device="cpu")
+                                        mode="gaussian", cval=(lo - prep.mean) / prep.std, device=device)
     t_sw = time.perf_counter()
     data["pred"] = pred[0]
     out_dir = Path(args.out).parent

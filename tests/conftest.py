@@ -10,6 +10,18 @@ sys.path.insert(0, str(ROOT))
 needs_real = pytest.mark.skipif(not REAL.exists(), reason="../shared/data/real is absent")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda skip where no GPU is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """Six phantoms at 4 mm in an nnU-Net-style folder (seconds to make)."""
