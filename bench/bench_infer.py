@@ -3,18 +3,25 @@
 with the same model, window, overlap and window batch.
 
     python bench/bench_infer.py                              # IRCAD patient 1 at 1.5 mm, CPU, small preset
+    python bench/bench_infer.py --repeats 9 --threads 2
     python bench/bench_infer.py --device cuda --synthetic 512,512,300 --preset vnet
 
-Each pipeline runs in its own subprocess, so their peak resident memory (from os.wait4) does not
-mix; imports are not timed. The model has random weights unless --checkpoint is given (fine for
-timing); the masks of both pipelines are compared (Dice per organ, voxel agreement). Post-processing
-is off in ours so both do the same job. Prints a table and one JSON line.
+Each run is a fresh subprocess, so its peak resident memory (os.wait4) is its own; imports are not
+timed. The pipelines take turns: one untimed warm-up each (--warmup), then ours, MONAI, ours,
+MONAI, ... (--repeats each), so load from other processes on the machine falls on both alike; the
+figures are the min and median of each and the ratio of the medians. Both slide the same windows
+over the same preprocessed grid: the output gives each side's window and window count, and says
+when a window was clipped to the scan or when the counts differ. The model has random weights
+unless --checkpoint is given (fine for timing); the masks of both pipelines are compared (Dice per
+organ, voxel agreement). Post-processing is off in ours so both do the same job. Prints a table and
+one JSON line (every repeat, the machine, the commit, the date).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.benchutil import describe_machine, provenance, ratio_of_medians, summary  # noqa: E402
+
 IRCAD = ROOT.parent / "shared" / "data" / "real" / "ircad_p1" / "image.nii.gz"
 
 
@@ -41,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sw-batch", type=int, default=1, help="windows per network call")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each pipeline, interleaved")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each pipeline first")
     p.add_argument("--only", default="", choices=["", "ours", "monai"], help="run one pipeline only")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -62,7 +74,23 @@ def run_ours(args: argparse.Namespace) -> dict:
     summary = infer.main(parsed)
     total = time.perf_counter() - t0
     (result,) = summary["cases"].values()
-    return {"total_s": total, "sliding_window_s": result["timings"]["network"], "steps": result["timings"]}
+    return {"total_s": total, "sliding_window_s": result["timings"]["network"], "steps": result["timings"],
+            **our_windows(args)}
+
+
+def our_windows(args: argparse.Namespace) -> dict:
+    """The preprocessed grid, window (infer.Segmenter.window_for) and window count of our run."""
+    import nibabel as nib
+    import numpy as np
+
+    from utils import Preprocessing, load_checkpoint, to_grid, window_starts
+
+    img = nib.load(args.image)
+    prep = Preprocessing.from_dict(load_checkpoint(args.checkpoint)["preprocessing"])
+    shape = to_grid(np.empty(img.shape, np.uint8), img.affine, prep).shape_out
+    roi = [min(args.window, -(-s // 16) * 16) for s in shape]
+    count = math.prod(len(window_starts(max(s, r), r, args.overlap)) for s, r in zip(shape, roi))
+    return {"grid": list(shape), "roi": roi, "windows": count}
 
 
 def run_monai(args: argparse.Namespace) -> dict:
@@ -126,8 +154,20 @@ def run_monai(args: argparse.Namespace) -> dict:
     t_end = time.perf_counter()
     written = sorted(out_dir.glob("*_monai.nii*"))
     written[-1].rename(args.out)
-    return {"total_s": t_end - t0, "sliding_window_s": t_sw - t_pre, "roi": list(roi),
-            "steps": {"load+preprocess": t_pre - t0, "network": t_sw - t_pre, "invert+save": t_end - t_sw}}
+    return {"total_s": t_end - t0, "sliding_window_s": t_sw - t_pre,
+            "steps": {"load+preprocess": t_pre - t0, "network": t_sw - t_pre, "invert+save": t_end - t_sw},
+            **monai_windows(tuple(image.shape[1:]), roi, args.overlap)}
+
+
+def monai_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> dict:
+    """MONAI's own count of the windows its sliding_window_inference slides (padding the image to
+    the window where it is shorter, as it does)."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    padded = tuple(max(s, r) for s, r in zip(shape, roi))
+    interval = _get_scan_interval(padded, roi, len(roi), (overlap,) * len(roi))
+    return {"grid": list(shape), "roi": list(roi), "windows": len(dense_patch_slices(padded, roi, interval))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +237,23 @@ def compare_masks(a_path: Path, b_path: Path) -> dict:
             "dice": {o: round(dice[o], 4) for o in present}}
 
 
+def describe_windows(results: dict, window: int) -> list[str]:
+    """Lines on the sliding-window geometry of each pipeline, with what differs called out."""
+    lines = []
+    for kind in ("ours", "monai"):
+        if kind not in results:
+            continue
+        r = results[kind]
+        clipped = [axis for axis, side in zip("xyz", r["roi"]) if side < window]
+        note = f", clipped to the scan along {','.join(clipped)}" if clipped else ""
+        lines.append(f"  {kind:<6} grid {'x'.join(map(str, r['grid']))}, window {'x'.join(map(str, r['roi']))}"
+                     f"{note}: {r['windows']} windows")
+    if len(lines) == 2 and results["ours"]["windows"] != results["monai"]["windows"]:
+        lines.append("  WARNING: the pipelines slide different numbers of windows: the sliding-window ratio "
+                     "compares unlike jobs")
+    return lines
+
+
 def main(args: argparse.Namespace) -> dict:
     import torch
 
@@ -204,6 +261,10 @@ def main(args: argparse.Namespace) -> dict:
         result = run_ours(args) if args.worker == "ours" else run_monai(args)
         print(json.dumps(result))
         return result
+    kinds = [k for k in ("ours", "monai") if not args.only or args.only == k]
+    threads = args.threads or torch.get_num_threads()
+    prov = provenance(threads)
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         tmp = Path(tmp)
         image = args.image
@@ -215,33 +276,48 @@ def main(args: argparse.Namespace) -> dict:
         if not checkpoint:
             checkpoint = str(tmp / "random.pt")
             make_random_checkpoint(Path(checkpoint), args.preset, args.spacing, args.window)
-        results = {}
-        for kind in ("ours", "monai"):
-            if args.only and args.only != kind:
-                continue
+        for kind in kinds:
             (tmp / kind).mkdir()
-            results[kind] = run_worker(kind, args, image, checkpoint, tmp / kind / "mask.nii.gz")
-        if len(results) == 2:
-            results["masks"] = compare_masks(tmp / "ours" / "mask.nii.gz", tmp / "monai" / "mask.nii.gz")
+        for i in range(args.warmup + args.repeats):
+            for kind in kinds:  # interleaved: A B A B ...
+                r = run_worker(kind, args, image, checkpoint, tmp / kind / "mask.nii.gz")
+                if i >= args.warmup:
+                    runs[kind].append(r)
+        masks = compare_masks(tmp / "ours" / "mask.nii.gz", tmp / "monai" / "mask.nii.gz") if len(kinds) == 2 else None
         import nibabel as nib
 
         shape = nib.load(image).shape
-    print(f"image {'synthetic' if args.synthetic else image} {shape}; device {args.device}; "
-          f"{torch.get_num_threads()} threads; window {args.window}, overlap {args.overlap}, "
-          f"sw-batch {args.sw_batch}; checkpoint {'random ' + args.preset if not args.checkpoint else checkpoint}")
-    for kind, r in results.items():
-        if kind == "masks":
-            continue
-        steps = ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items())
-        print(f"  {kind:<6} end-to-end {r['total_s']:6.1f} s  sliding window {r['sliding_window_s']:6.1f} s  "
-              f"peak RSS {r['peak_rss_gib']:.2f} GiB   ({steps})")
-    if len(results) == 3:
+    results: dict = {"bench": "bench_infer", **prov,
+                     "config": {"image": "synthetic" if args.synthetic else image, "shape": list(shape),
+                                "device": args.device, "window": args.window, "overlap": args.overlap,
+                                "sw_batch": args.sw_batch, "repeats": args.repeats, "warmup": args.warmup,
+                                "checkpoint": args.checkpoint or f"random {args.preset}"}}
+    for kind in kinds:
+        last = runs[kind][-1]
+        results[kind] = {"total_s": summary([r["total_s"] for r in runs[kind]]),
+                         "sliding_window_s": summary([r["sliding_window_s"] for r in runs[kind]]),
+                         "peak_rss_gib": summary([r["peak_rss_gib"] for r in runs[kind]]),
+                         "steps": [r["steps"] for r in runs[kind]],
+                         "grid": last["grid"], "roi": last["roi"], "windows": last["windows"]}
+    print(f"image {results['config']['image']} {shape}; device {args.device}; {threads} threads; window "
+          f"{args.window}, overlap {args.overlap}, sw-batch {args.sw_batch}; checkpoint "
+          f"{results['config']['checkpoint']}; {args.repeats} interleaved runs each after {args.warmup} warm-up")
+    print(f"  machine: {describe_machine(prov)}")
+    print("\n".join(describe_windows(results, args.window)))
+    for kind in kinds:
+        r = results[kind]
+        print(f"  {kind:<6} end-to-end median {r['total_s']['median']:6.2f} s (min {r['total_s']['min']:6.2f})  "
+              f"sliding window median {r['sliding_window_s']['median']:6.2f} s (min {r['sliding_window_s']['min']:6.2f})"
+              f"  peak RSS {r['peak_rss_gib']['median']:.2f} GiB")
+    if len(kinds) == 2:
         ours, monai = results["ours"], results["monai"]
-        results["ratio_end_to_end"] = ours["total_s"] / monai["total_s"]
-        results["ratio_sliding_window"] = ours["sliding_window_s"] / monai["sliding_window_s"]
-        print(f"  ratio ours/MONAI: end-to-end {results['ratio_end_to_end']:.2f}, "
+        results["ratio_end_to_end"] = ratio_of_medians(ours["total_s"]["all"], monai["total_s"]["all"])
+        results["ratio_sliding_window"] = ratio_of_medians(ours["sliding_window_s"]["all"],
+                                                           monai["sliding_window_s"]["all"])
+        results["masks"] = masks
+        print(f"  ratio of medians ours/MONAI: end-to-end {results['ratio_end_to_end']:.2f}, "
               f"sliding window {results['ratio_sliding_window']:.2f}")
-        print(f"  masks: {results['masks']}")
+        print(f"  masks: {masks}")
     print(json.dumps(results))
     return results
 
