@@ -14,8 +14,10 @@ to_onehot_y=True, softmax=True) and torch's default AdamW, channels-last model a
 recipe) or torch's default layout (monai-contiguous). Our preset with activation="elu" has exactly MONAI's 45.6 M
 parameters (equal parameters); the default PReLU one is timed too.
 
-The models take turns step by step (each timed alone, median over --steps after --warmup), so
-load from other processes on the machine falls on all of them alike. Reported per model: the
+The models take turns step by step (A B C A B C ..., each step timed alone; min and median over
+--steps after --warmup; every step in the JSON), so load from other processes on the machine falls
+on all of them alike; ratios are of medians, and against MONAI in each layout and in whichever is
+faster for it here. Reported per model: the
 median step split into forward+loss+backward and clipping+optimiser, steps/s, achieved TFLOP/s
 (conv and transposed-conv multiply-adds counted with forward hooks, x2 for FLOPs, x3 for forward
 plus backward), peak GPU memory (one separate step each). Loader: time for PatchDataset to make a
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from bench.benchutil import describe_machine, provenance  # noqa: E402
 from utils import configure_torch, pick_device  # noqa: E402
 
 
@@ -168,8 +170,10 @@ def time_models(contenders: list[Contender], shape: tuple[int, ...], amp: torch.
     out = {}
     for c in contenders:
         fb = statistics.median(t[0] for t in times[c.name])
-        total = statistics.median(t[0] + t[1] for t in times[c.name])
-        out[c.name] = {"step_s": total, "fwd_bwd_s": fb, "optimizer_s": statistics.median(t[1] for t in times[c.name]),
+        steps_s = [t[0] + t[1] for t in times[c.name]]
+        total = statistics.median(steps_s)
+        out[c.name] = {"step_s": total, "step_min_s": min(steps_s), "step_all_s": steps_s, "fwd_bwd_s": fb,
+                       "optimizer_s": statistics.median(t[1] for t in times[c.name]),
                        "steps_per_s": 1 / total, "tflops": c.flops / total / 1e12}
     if device.type == "cuda":
         for c in contenders:
@@ -235,10 +239,11 @@ def main(args: argparse.Namespace) -> dict:
     dtypes = [d.strip() for d in (args.dtypes or ("fp32,bf16" if cuda else "fp32")).split(",") if d.strip()]
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     shape = (args.batch_size, 1, patch, patch, patch)
-    machine = (torch.cuda.get_device_name(device) if cuda else
-               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"device {device} ({machine}); torch {torch.__version__}; batch {args.batch_size} x {patch}^3; "
-          f"{warmup} warm-up + {steps} timed steps per model{'; compiled' if args.compile else ''}")
+    prov = provenance(torch.get_num_threads())
+    machine = torch.cuda.get_device_name(device) if cuda else prov["machine"]["cpu"]
+    print(f"device {device} ({machine}); batch {args.batch_size} x {patch}^3; {warmup} warm-up + {steps} timed "
+          f"steps per model, the models taking turns step by step{'; compiled' if args.compile else ''}")
+    print(f"machine: {describe_machine(prov)}")
 
     contenders = [build(name, device, args.compile) for name in names]
     probe = torch.zeros(shape, device=device)
@@ -246,7 +251,7 @@ def main(args: argparse.Namespace) -> dict:
         c.model.eval()
         c.flops = count_conv_flops(c.model, probe)
         c.model.train()
-    results: dict = {"device": str(device), "machine": machine, "torch": torch.__version__, "patch": patch,
+    results: dict = {"bench": "bench_train", **prov, "device": str(device), "device_name": machine, "patch": patch,
                      "batch": args.batch_size, "steps": steps, "warmup": warmup, "compile": args.compile,
                      "params": {c.name: c.params for c in contenders},
                      "train_gflop_per_step": {c.name: round(c.flops / 1e9, 1) for c in contenders}, "timings": {}}
@@ -255,12 +260,12 @@ def main(args: argparse.Namespace) -> dict:
         res = time_models(contenders, shape, amp, device, steps, warmup)
         results["timings"][dtype] = res
         print(f"\n{dtype}:")
-        print(f"  {'model':<18}{'params':>9}{'step s':>9}{'fwd+bwd s':>11}{'optim s':>9}{'steps/s':>9}{'TFLOP/s':>9}"
-              f"{'peak GiB':>10}")
+        print(f"  {'model':<18}{'params':>9}{'step s':>9}{'min s':>9}{'fwd+bwd s':>11}{'optim s':>9}{'steps/s':>9}"
+              f"{'TFLOP/s':>9}{'peak GiB':>10}   (step s: median)")
         for c in contenders:
             r = res[c.name]
             peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
-            print(f"  {c.name:<18}{c.params / 1e6:>8.1f}M{r['step_s']:>9.3f}{r['fwd_bwd_s']:>11.3f}"
+            print(f"  {c.name:<18}{c.params / 1e6:>8.1f}M{r['step_s']:>9.3f}{r['step_min_s']:>9.3f}{r['fwd_bwd_s']:>11.3f}"
                   f"{r['optimizer_s']:>9.3f}{r['steps_per_s']:>9.2f}{r['tflops']:>9.3f}{peak:>10}")
     ratios = {}
     for dtype, res in results["timings"].items():
@@ -270,6 +275,14 @@ def main(args: argparse.Namespace) -> dict:
                     ratios[f"{dtype} {ours}/{theirs}"] = {
                         "step_time": res[ours]["step_s"] / res[theirs]["step_s"],
                         "fwd_bwd_time": res[ours]["fwd_bwd_s"] / res[theirs]["fwd_bwd_s"]}
+        monai_layouts = [m for m in ("monai", "monai-contiguous") if m in res]
+        if monai_layouts:  # against MONAI in whichever layout is faster for it here
+            best = min(monai_layouts, key=lambda m: res[m]["step_s"])
+            for ours in ("ours-elu", "ours-prelu"):
+                if ours in res:
+                    ratios[f"{dtype} {ours}/faster MONAI ({best})"] = {
+                        "step_time": res[ours]["step_s"] / res[best]["step_s"],
+                        "fwd_bwd_time": res[ours]["fwd_bwd_s"] / res[best]["fwd_bwd_s"]}
     if "bf16" in results["timings"] and "fp32" in results["timings"]:
         for ours in ("ours-elu", "ours-prelu"):
             if ours in results["timings"]["bf16"] and "monai" in results["timings"]["fp32"]:
@@ -279,7 +292,7 @@ def main(args: argparse.Namespace) -> dict:
     results["ratios"] = ratios
     print("\nratios (time: below 1 is faster; speed-up: above 1 is faster):")
     for key, r in ratios.items():
-        print(f"  {key:<44}" + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
+        print(f"  {key:<52}" + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
     if "monai" in names and "monai-contiguous" in names:
         for dtype, res in results["timings"].items():
             gain = res["monai-contiguous"]["step_s"] / res["monai"]["step_s"]

@@ -1,0 +1,42 @@
+"""The benchmarks' helpers: scans built for bench_scale.py, summaries of interleaved repeats, the
+sliding-window geometry bench_infer.py reports for MONAI."""
+
+import nibabel as nib
+import numpy as np
+from conftest import ROOT
+
+from bench.bench_infer import monai_windows
+from bench.bench_scale import make_scan
+from bench.benchutil import git_commit, provenance, ratio_of_medians, summary
+from utils import save_nifti, window_starts
+
+
+def test_make_scan_repeats_slices_over_the_extent(tmp_path):
+    data = np.arange(4 * 3 * 5, dtype=np.int16).reshape(4, 3, 5)
+    affine = np.diag([-0.5, -0.5, 2.0, 1.0])
+    save_nifti(tmp_path / "src.nii.gz", data, affine)
+    shape = make_scan(tmp_path / "src.nii.gz", 12, 9.0, tmp_path / "big.nii.gz")
+    img = nib.load(tmp_path / "big.nii.gz")
+    big = np.asanyarray(img.dataobj)
+    assert shape == big.shape == (4, 3, 12) and big.dtype == np.int16
+    np.testing.assert_allclose(img.affine[:3, :3], np.diag([-0.5, -0.5, 0.75]))
+    # each new slice repeats the source slice that holds its centre
+    assert [int(big[0, 0, k]) for k in range(12)] == [int(data[0, 0, (2 * k + 1) * 5 // 24]) for k in range(12)]
+
+
+def test_summary_and_ratio_of_medians():
+    assert summary([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "all": [3.0, 1.0, 2.0]}
+    assert ratio_of_medians([1.0, 2.0, 9.0], [4.0, 4.0, 1.0]) == 0.5
+
+
+def test_provenance_names_machine_and_commit():
+    p = provenance(2)
+    assert p["machine"]["threads"] == 2 and p["machine"]["cores"] >= 1 and p["machine"]["torch"]
+    assert p["commit"] == git_commit() and (p["commit"] == "unknown" or len(p["commit"]) >= 40)
+    assert (ROOT / "bench" / "benchutil.py").is_file()
+
+
+def test_monai_window_count_is_ours():
+    for shape, roi in (((97, 97, 70), (96, 96, 80)), ((200, 150, 90), (160, 150, 96)), ((40, 40, 40), (48, 48, 48))):
+        ours = np.prod([len(window_starts(max(s, r), r, 0.5)) for s, r in zip(shape, roi)])
+        assert monai_windows(shape, roi, 0.5)["windows"] == ours
