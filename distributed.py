@@ -89,17 +89,20 @@ class Dist:
             tensor.div_(self.world)
         return tensor
 
+    def _attempt(self, fn: Callable[[], T]) -> tuple[T | None, str | None]:
+        """(fn()'s result, None), or under torchrun (None, its UserError's message) for the caller to
+        share with the other ranks; alone, the UserError is raised as it is."""
+        try:
+            return fn(), None
+        except UserError as e:
+            if not self.enabled:
+                raise
+            return None, str(e)
+
     def _run_on_main(self, fn: Callable[[], T], share: bool) -> T | None:
         """fn() on rank 0, its result broadcast when share; a UserError there is raised on every
         rank, so none waits on a rank that gave up."""
-        result, error = None, None
-        if self.main:
-            try:
-                result = fn()
-            except UserError as e:
-                if not self.enabled:
-                    raise
-                error = str(e)
+        result, error = self._attempt(fn) if self.main else (None, None)
         shared, error = self.broadcast((result if share else None, error))
         if error is not None:
             raise UserError(error)
@@ -111,13 +114,7 @@ class Dist:
         every rank, so none waits on a rank that gave up."""
         if self.enabled and not _long_group:  # made while the ranks are together, before their work diverges
             _long_group.append(dist.new_group(backend="gloo", timeout=LONG_TIMEOUT))
-        result, error = None, None
-        try:
-            result = fn()
-        except UserError as e:
-            if not self.enabled:
-                raise
-            error = str(e)
+        result, error = self._attempt(fn)
         if self.enabled:
             errors: list = [None] * self.world
             dist.all_gather_object(errors, error, group=_long_group[0])
