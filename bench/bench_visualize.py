@@ -1,6 +1,7 @@
 """Times visualize.py end to end (a fresh process, as a user runs it) on IRCAD patient 1's label map:
 the default 120-frame 1280x720 orbit. Prints the wall and CPU time, peak memory, the video's size
-and the machine's load average (other processes slow the wall time down).
+and the machine's load average (other processes slow the wall time down), then one JSON line (every
+run, the machine, the commit, the date). One contender only, so there is nothing to interleave.
 
     python bench/bench_visualize.py [--input LABEL] [--repeat N] [-- extra visualize.py flags]
 """
@@ -8,8 +9,8 @@ and the machine's load average (other processes slow the wall time down).
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -18,6 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.benchutil import describe_machine, provenance, summary  # noqa: E402
 
 
 def main() -> None:
@@ -28,6 +32,7 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help="more visualize.py flags, after --")
     args = p.parse_args()
     times = []
+    prov = provenance(os.cpu_count() or 1)  # visualize.py's VTK and encoder use every core
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.mp4"
@@ -41,13 +46,14 @@ def main() -> None:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak_mb = usage.ru_maxrss / 1024
     cpu_s = (usage.ru_utime + usage.ru_stime) / len(times)  # the machine's load does not change it much
-    times.sort()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, "
-          f"python {platform.python_version()}")
+    wall = summary(times)
+    print(f"machine: {describe_machine(prov)}")
     print(f"command: {' '.join(cmd[1:])}")
-    print(f"wall time: best {times[0]:.1f} s, median {times[len(times) // 2]:.1f} s over {len(times)} run(s); "
+    print(f"wall time: best {wall['min']:.1f} s, median {wall['median']:.1f} s over {len(times)} run(s); "
           f"CPU time {cpu_s:.1f} s per run; peak memory {peak_mb:.0f} MB; video {size_mb:.1f} MB; "
           f"load average before/after {load[0]:.1f}/{os.getloadavg()[0]:.1f}")
+    print(json.dumps({"bench": "bench_visualize", **prov, "command": cmd[1:], "wall_s": wall, "cpu_s_per_run": cpu_s,
+                      "peak_rss_mb": peak_mb, "video_mb": size_mb}))
 
 
 if __name__ == "__main__":
