@@ -44,7 +44,7 @@ if [ $DRY = 1 ]; then
                 --workers 0)
     BENCH_TRAIN=(--device cpu --patch 16 --batch-size 2 --dtypes fp32 --steps 1 --warmup 0
                  --models ours-elu,monai --loader-patch 16 --loader-spacing 8 --loader-batches 1)
-    BENCH_INFER=(--device cpu --synthetic 64,64,40 --preset small --spacing 8 --window 32)
+    BENCH_INFER=(--device cpu --synthetic 64,64,40 --preset small --spacing 8 --window 32 --repeats 1 --warmup 0)
     export TORCH_COMPILE_DISABLE=1  # --compile's code path without minutes of CPU compiling
     TESTS=tests/test_cuda.py  # collecting the whole suite only to skip its cuda tests takes longer
     LIMIT_TRAIN=120 LIMIT_COMPILE=120 LIMIT_RESUME=120 LIMIT_BENCH=120 LIMIT_TESTS=120
@@ -59,9 +59,9 @@ else
                 --workers 0)
     BENCH_TRAIN=(--device cuda --patch 128 --batch-size 2 --dtypes fp32,bf16 --models ours-prelu,monai
                  --steps 10 --warmup 3 --loader-batches 2)
-    BENCH_INFER=(--device cuda --synthetic 512,512,300 --preset vnet --sw-batch 2)
+    BENCH_INFER=(--device cuda --synthetic 512,512,300 --preset vnet --sw-batch 2 --repeats 2 --warmup 1)
     TESTS=tests/
-    LIMIT_TRAIN=150 LIMIT_COMPILE=150 LIMIT_RESUME=90 LIMIT_BENCH=120 LIMIT_TESTS=120
+    LIMIT_TRAIN=150 LIMIT_COMPILE=150 LIMIT_RESUME=90 LIMIT_BENCH=150 LIMIT_TESTS=120
     echo "gpu_check: $(date -u +%FT%TZ)" > "$SUMMARY"
 fi
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); results $RESULTS" >> "$SUMMARY"
