@@ -184,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--atlas", action="append", default=None, help="folder of label maps for --phantom atlas: FLARE22 "
                    "(labelsTr/) or BTCV 8-organ maps give organ shapes, KiTS23 maps (opt-in: CC BY-NC-SA, a model "
                    "trained on them is non-commercial) real renal tumour and cyst shapes; repeat it or separate "
-                   "folders with commas (default: none)")
+                   "folders with commas")
     p.add_argument("--init", default=d.init, help="checkpoint to fine-tune: a new run starts from its weights, VNet "
                    "config, voxel size and intensity normalisation, with a fresh optimiser and schedule (default: "
                    "random weights)")
