@@ -881,6 +881,7 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
         exits[v], system = _paint_kidney(c, organs, v, rng, hu_of, urine, 0.0, spine_y)
         found["collecting"] |= system
     hu[pasted] = saved  # the pasted renal lesion's intrarenal part
+    found["collecting"] &= ~pasted
     # Lesions inside an organ keep its label (as in FLARE22, LiTS, IRCAD).
     found["lesions"] = np.zeros(grid.shape, bool)
     for name, value, count, radius in (("liver_lesions", 1, 6, (5, 40)), ("kidney_lesions", 2, 3, (5, 25)),
