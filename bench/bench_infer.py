@@ -32,15 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.benchutil import describe_machine, provenance, ratio_of_medians, summary  # noqa: E402
-
-IRCAD = ROOT.parent / "shared" / "data" / "real" / "ircad_p1" / "image.nii.gz"
+from bench.benchutil import IRCAD_CT, describe_machine, parser, provenance, ratio_of_medians, summary  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image", default=str(IRCAD), help="CT NIfTI to segment")
+    p = parser(__doc__)
+    p.add_argument("--image", default=str(IRCAD_CT), help="CT NIfTI to segment")
     p.add_argument("--synthetic", default="", help="instead of --image, a phantom resampled to X,Y,Z voxels "
                    "(e.g. 512,512,300)")
     p.add_argument("--checkpoint", default="", help="trained checkpoint (default: random weights)")

@@ -26,15 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.benchutil import describe_machine, provenance, summary  # noqa: E402
-
-IRCAD = ROOT.parent / "shared" / "data" / "real" / "ircad_p1" / "image.nii.gz"
+from bench.benchutil import IRCAD_CT, describe_machine, parser, provenance, summary  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image", default=str(IRCAD), help="CT NIfTI whose slices are repeated")
+    p = parser(__doc__)
+    p.add_argument("--image", default=str(IRCAD_CT), help="CT NIfTI whose slices are repeated")
     p.add_argument("--slices", default="100,300,700,1000", help="comma-separated slice counts")
     p.add_argument("--extent", type=float, default=210.0,
                    help="head-to-feet extent of every scan, mm (210: slices 0.3 mm apart at 700)")

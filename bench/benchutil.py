@@ -4,6 +4,7 @@ falls on every contender alike and the ratio of medians holds still."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -12,6 +13,12 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+IRCAD_CT = ROOT.parent / "shared" / "data" / "real" / "ircad_p1" / "image.nii.gz"  # the benchmarks' default CT
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: described by its docstring's first line, defaults in the help."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def cpu_model() -> str:
