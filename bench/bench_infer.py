@@ -9,7 +9,8 @@ with the same model, window, overlap and window batch.
 Each run is a fresh subprocess, so its peak resident memory (os.wait4) is its own; imports are not
 timed. The pipelines take turns: one untimed warm-up each (--warmup), then ours, MONAI, ours,
 MONAI, ... (--repeats each), so load from other processes on the machine falls on both alike; the
-figures are the min and median of each and the ratio of the medians. Both slide the same windows
+figures are the min and median of each and the ratio of the medians (and the median of the
+ratios of runs side by side, which holds better when the machine's load drifts). Both slide the same windows
 over the same preprocessed grid: the output gives each side's window and window count, and says
 when a window was clipped to the scan or when the counts differ. The model has random weights
 unless --checkpoint is given (fine for timing); the masks of both pipelines are compared (Dice per
@@ -311,9 +312,15 @@ def main(args: argparse.Namespace) -> dict:
         results["ratio_end_to_end"] = ratio_of_medians(ours["total_s"]["all"], monai["total_s"]["all"])
         results["ratio_sliding_window"] = ratio_of_medians(ours["sliding_window_s"]["all"],
                                                            monai["sliding_window_s"]["all"])
+        for key in ("total_s", "sliding_window_s"):  # each run against the peer's run beside it
+            pairs = [o[key] / m[key] for o, m in zip(runs["ours"], runs["monai"])]
+            name = "end_to_end" if key == "total_s" else "sliding_window"
+            results[f"ratio_{name}_paired"] = summary(pairs)
         results["masks"] = masks
         print(f"  ratio of medians ours/MONAI: end-to-end {results['ratio_end_to_end']:.2f}, "
-              f"sliding window {results['ratio_sliding_window']:.2f}")
+              f"sliding window {results['ratio_sliding_window']:.2f}; median of the run-by-run ratios: "
+              f"{results['ratio_end_to_end_paired']['median']:.2f}, "
+              f"{results['ratio_sliding_window_paired']['median']:.2f} (firmer when the load drifts)")
         print(f"  masks: {masks}")
     print(json.dumps(results))
     return results

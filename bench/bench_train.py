@@ -17,7 +17,7 @@ parameters (equal parameters); the default PReLU one is timed too.
 The models take turns step by step (A B C A B C ..., each step timed alone; min and median over
 --steps after --warmup; every step in the JSON), so load from other processes on the machine falls
 on all of them alike; ratios are of medians, and against MONAI in each layout and in whichever is
-faster for it here. Reported per model: the
+faster for it here (there also the median of step-by-step ratios, firmer when the load drifts). Reported per model: the
 median step split into forward+loss+backward and clipping+optimiser, steps/s, achieved TFLOP/s
 (conv and transposed-conv multiply-adds counted with forward hooks, x2 for FLOPs, x3 for forward
 plus backward), peak GPU memory (one separate step each). Loader: time for PatchDataset to make a
@@ -280,9 +280,11 @@ def main(args: argparse.Namespace) -> dict:
             best = min(monai_layouts, key=lambda m: res[m]["step_s"])
             for ours in ("ours-elu", "ours-prelu"):
                 if ours in res:
+                    pairs = [a / b for a, b in zip(res[ours]["step_all_s"], res[best]["step_all_s"])]
                     ratios[f"{dtype} {ours}/faster MONAI ({best})"] = {
                         "step_time": res[ours]["step_s"] / res[best]["step_s"],
-                        "fwd_bwd_time": res[ours]["fwd_bwd_s"] / res[best]["fwd_bwd_s"]}
+                        "fwd_bwd_time": res[ours]["fwd_bwd_s"] / res[best]["fwd_bwd_s"],
+                        "step_time_paired": statistics.median(pairs)}
     if "bf16" in results["timings"] and "fp32" in results["timings"]:
         for ours in ("ours-elu", "ours-prelu"):
             if ours in results["timings"]["bf16"] and "monai" in results["timings"]["fp32"]:
