@@ -659,7 +659,9 @@ def coverage_warnings(labels: np.ndarray, affine: np.ndarray, volumes: dict[str,
     pixel_mm2 = abs(float(np.linalg.det(affine[:3, :3]))) / step
     cut = set()
     for edge, index in (("top", -1 if up else 0), ("bottom", 0 if up else -1)):
-        area = np.bincount(np.take(labels, index, axis=axis).ravel(), minlength=NUM_CLASSES) * pixel_mm2
+        # A view: np.take would copy the whole map to C order first (30 s on a 512x512x700 map in NIfTI's order).
+        edge_slice = labels[(slice(None),) * axis + (index,)]
+        area = label_counts(edge_slice) * pixel_mm2
         names = [LABELS[v] for v in range(1, NUM_CLASSES) if area[v] >= MIN_CUT_MM2]
         cut.update(names)
         if names:

@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
-from utils import LABELS, ORGANS, atomic_write
+from utils import LABELS, ORGANS, atomic_write, find_boxes
 
 METRICS: list[str] = ["dice", "precision", "recall", "ref_ml", "pred_ml", "vol_diff_ml", "vol_diff_pct",
                       "hd95_mm", "nsd"]
@@ -276,7 +276,7 @@ def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> 
     null HU and box."""
     affine = np.asarray(affine, dtype=np.float64)
     voxel_ml = voxel_volume_ml(affine)
-    boxes = ndimage.find_objects(labels, max_label=len(ORGANS))
+    boxes = find_boxes(labels, len(ORGANS))
     stats = {}
     for value, organ in enumerate(ORGANS, start=1):
         box = boxes[value - 1]

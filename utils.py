@@ -705,6 +705,17 @@ def sliding_window_inference(
 # Metrics
 
 
+def find_boxes(labels: np.ndarray, max_label: int) -> list[tuple[slice, ...] | None]:
+    """ndimage.find_objects(labels, max_label=max_label), as fast on a Fortran-order map (NIfTI's)
+    as on a C-order one: scipy walks the array in C index order, a cache miss per voxel across a
+    Fortran-order array (16 s instead of 1 s on a 512x512x700 map)."""
+    from scipy import ndimage
+
+    if labels.flags.f_contiguous and not labels.flags.c_contiguous:
+        return [None if b is None else b[::-1] for b in ndimage.find_objects(labels.T, max_label=max_label)]
+    return ndimage.find_objects(labels, max_label=max_label)
+
+
 def label_counts(labels: np.ndarray, minlength: int = NUM_CLASSES) -> np.ndarray:
     """Voxels per value of a non-negative integer map (any shape and memory order) -> int64
     (max(minlength, largest value + 1),): np.bincount's result without its int64 copy of the map

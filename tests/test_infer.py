@@ -17,6 +17,7 @@ from utils import (
     LABELS,
     Preprocessing,
     UserError,
+    find_boxes,
     gaussian_importance,
     label_counts,
     preprocess_image,
@@ -164,6 +165,15 @@ def test_keep_largest_components_same_in_either_memory_order():
         expected = infer.keep_largest_components(np.ascontiguousarray(lab))
         ours = infer.keep_largest_components(np.asfortranarray(lab))
         assert np.array_equal(ours, expected) and ours.flags.f_contiguous
+
+
+def test_find_boxes_is_find_objects_in_either_memory_order():
+    from scipy import ndimage
+
+    lab = ((np.random.default_rng(0).random((20, 15, 9)) < 0.03) * 3).astype(np.uint8)
+    lab[2, 3, 4] = 1
+    expected = ndimage.find_objects(lab, max_label=4)
+    assert find_boxes(np.asfortranarray(lab), 4) == find_boxes(lab, 4) == expected
 
 
 def test_label_counts_is_bincount():
