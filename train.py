@@ -14,7 +14,8 @@
 A run folder under checkpoints/ receives best.pt and last.pt (plain dicts, loadable with
 torch.load(..., weights_only=True)), metrics.csv, metrics.json and curves.png, each written
 atomically. A run killed at any moment (even mid-save) continues with --resume from the last
-epoch that completed; with --deterministic it then ends with the weights an uninterrupted run
+epoch that completed (last.pt is saved before validating: an epoch whose validation died is
+validated first); with --deterministic it then ends with the weights an uninterrupted run
 would have reached.
 
 --ensemble packs the final weights (last.pt) of several runs of one recipe (or given checkpoint
