@@ -209,14 +209,13 @@ def dicom_seg(labels: np.ndarray, folder: str | Path, model_name: str, version: 
     except ImportError:
         raise UserError("a DICOM SEG output needs highdicom: pip install highdicom (or pass --output-type nifti)"
                         ) from None
-    import pydicom
     from pydicom.sr.codedict import codes
 
     from utils import LABELS, first_line
 
     folder = Path(folder)
-    slices = sorted_slices(folder)
-    sources = [pydicom.dcmread(p) for p, _ in slices]
+    # The headers alone: the SEG copies their identifiers and geometry, never their pixels.
+    sources = [ds for _, ds in sorted_slices(folder)]
     for ds in sources:  # type 2 attributes the SEG copies; anonymisation often strips them
         for keyword in _PATIENT_STUDY:
             if keyword not in ds:
