@@ -1371,8 +1371,6 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------
 # Batched augmentation on the training device (train.py --gpu-augment)
 #
-# Patch augmentation for a whole batch on the training device (train.py --gpu-augment).
-#
 # At 128^3 on a GPU the loader's per-patch work, dataset.warp_patch (an affine_grid and a
 # grid_sample over the patch on a CPU core) and the intensity augmentation, can take longer than a
 # training step. With PatchDataset(defer=True) a loader item is only the un-warped crop (HU) with
