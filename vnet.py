@@ -7,6 +7,7 @@ Output (N, num_classes, D, H, W) logits.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -70,10 +71,17 @@ PRESETS: dict[str, VNetConfig] = {
 # Weight gradients on a CPU. oneDNN computes a 3D convolution's weight gradient far below its forward
 # rate where the feature maps are small or the output has few channels (the deep stages, the 5-class
 # head): at 128-256 channels on 2^3-4^3 voxels it takes 4-6x as long as the same sum written as a
-# convolution of the input by the output gradient, with batch and channels swapped. Where the maps
-# are large (32 channels at 48^3) oneDNN's own is faster, hence the rule (bench/RESULTS.md, "Training speed").
-SWAPPED_WGRAD_MAX_VOXELS = 24**3  # per sample and channel; smaller maps use the swapped weight gradient
-SWAPPED_WGRAD_MAX_OUT = 8  # and so do outputs with fewer channels than this, at any size
+# convolution of the input by the output gradient, with batch and channels swapped. Which route wins
+# depends on the CPU, not only on the shapes: the size rule below, measured on an AMD host, costs an
+# Intel Xeon host 15 % of its training step (bench/RESULTS.md, "Training speed"). So by default each
+# convolution shape is timed both ways once, on the running CPU, and the faster route kept. Timings
+# vary from run to run, so under torch.use_deterministic_algorithms (train.py --deterministic) the
+# fixed rule decides instead: a resumed run must take the routes the interrupted one took.
+WGRAD_ROUTE = "auto"  # "auto": time both routes once per shape; "rule": the size rule below, always
+SWAPPED_WGRAD_MAX_VOXELS = 24**3  # rule: per sample and channel; smaller maps use the swapped weight gradient
+SWAPPED_WGRAD_MAX_OUT = 8  # rule: and so do outputs with fewer channels than this, at any size
+WGRAD_TIMING_REPEATS = 3  # auto: timed passes per route after one warm-up; the fastest pass counts
+_wgrad_choice: dict[tuple, bool] = {}  # auto: (shape, layout, dtype, layer, threads) -> swapped is faster
 
 
 class _SwappedWeightGradConv3d(torch.autograd.Function):
@@ -107,6 +115,33 @@ class _SwappedWeightGradConv3d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _swapped_route_is_faster(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether the swapped weight gradient beats oneDNN's for this layer on input x (N, C, D, H, W),
+    timed on this CPU the first time the shape is seen: a forward and backward pass each way on x's
+    own values (no random numbers drawn, so the run's random stream is untouched)."""
+    key = (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last_3d), x.requires_grad,
+           conv.out_channels, conv.kernel_size, conv.padding, conv.bias is not None, torch.get_num_threads())
+    if key not in _wgrad_choice:
+        xs = x.detach().requires_grad_(x.requires_grad)
+        w = conv.weight.detach().requires_grad_(True)
+        b = None if conv.bias is None else conv.bias.detach()
+        inputs = (xs, w) if x.requires_grad else (w,)
+        grad_out = torch.ones_like(F.conv3d(xs.detach(), w.detach(), b, padding=conv.padding))
+        routes = {False: lambda: F.conv3d(xs, w, b, padding=conv.padding),
+                  True: lambda: _SwappedWeightGradConv3d.apply(xs, w, b, tuple(conv.padding))}
+        best = {}
+        with torch.enable_grad():
+            for swapped, route in routes.items():
+                times = []
+                for _ in range(WGRAD_TIMING_REPEATS + 1):
+                    start = time.perf_counter()
+                    torch.autograd.grad(route(), inputs, grad_out)
+                    times.append(time.perf_counter() - start)
+                best[swapped] = min(times[1:])
+        _wgrad_choice[key] = best[True] < best[False]
+    return _wgrad_choice[key]
+
+
 class Conv3d(nn.Conv3d):
     """nn.Conv3d (same parameters, same function) that, when training on a CPU, takes the swapped
     weight gradient of _SwappedWeightGradConv3d where that is the faster one (stride 1, zero padding)."""
@@ -114,10 +149,14 @@ class Conv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dim() == 5 and torch.is_grad_enabled() and self.weight.requires_grad
                 and self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) and self.groups == 1
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and (x.shape[2] * x.shape[3] * x.shape[4] <= SWAPPED_WGRAD_MAX_VOXELS
-                     or self.out_channels < SWAPPED_WGRAD_MAX_OUT)):
-            return _SwappedWeightGradConv3d.apply(x, self.weight, self.bias, tuple(self.padding))
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
+            if WGRAD_ROUTE == "rule" or torch.are_deterministic_algorithms_enabled():
+                swapped = (x.shape[2] * x.shape[3] * x.shape[4] <= SWAPPED_WGRAD_MAX_VOXELS
+                           or self.out_channels < SWAPPED_WGRAD_MAX_OUT)
+            else:
+                swapped = _swapped_route_is_faster(self, x)
+            if swapped:
+                return _SwappedWeightGradConv3d.apply(x, self.weight, self.bias, tuple(self.padding))
         return super().forward(x)
 
 

@@ -45,6 +45,7 @@ def test_swapped_weight_gradient_equals_torch(cin, cout, side, kernel, bias, cha
     import vnet
 
     # Every size takes the swapped weight gradient here, whatever the thresholds.
+    monkeypatch.setattr(vnet, "WGRAD_ROUTE", "rule")
     monkeypatch.setattr(vnet, "SWAPPED_WGRAD_MAX_VOXELS", side**3)
     torch.manual_seed(0)
     conv = vnet.Conv3d(cin, cout, kernel, padding=kernel // 2, bias=bias)
@@ -69,6 +70,7 @@ def test_swapped_weight_gradient_equals_torch(cin, cout, side, kernel, bias, cha
 def test_vnet_gradients_do_not_depend_on_the_weight_gradient_path(monkeypatch):
     import vnet
 
+    monkeypatch.setattr(vnet, "WGRAD_ROUTE", "rule")
     torch.manual_seed(0)
     model = build_vnet("small", base_width=4)
     x, target = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 5, (2, 32, 32, 32))
@@ -82,6 +84,33 @@ def test_vnet_gradients_do_not_depend_on_the_weight_gradient_path(monkeypatch):
     monkeypatch.setattr(vnet, "SWAPPED_WGRAD_MAX_VOXELS", 0)
     monkeypatch.setattr(vnet, "SWAPPED_WGRAD_MAX_OUT", 0)
     for ours, theirs in zip(swapped, grads()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+
+
+def test_weight_gradient_route_is_timed_once_per_shape_and_fixed_when_deterministic(monkeypatch):
+    """By default each convolution shape is timed both ways once on this CPU and the faster route
+    kept; the gradients are the same either way. Under deterministic algorithms the size rule
+    decides, with no timing, so a resumed run takes the routes of the interrupted one."""
+    import vnet
+
+    monkeypatch.setattr(vnet, "_wgrad_choice", {})
+    torch.manual_seed(0)
+    model = build_vnet("small", base_width=4)
+    x, target = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 5, (2, 32, 32, 32))
+
+    def grads():
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    auto = grads()
+    assert len(vnet._wgrad_choice) > 3 and all(isinstance(v, bool) for v in vnet._wgrad_choice.values())
+    choices = dict(vnet._wgrad_choice)
+    grads()
+    assert vnet._wgrad_choice == choices  # the second step times nothing new
+    monkeypatch.setattr(vnet, "_swapped_route_is_faster", lambda conv, x: pytest.fail("timed under deterministic"))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    for ours, theirs in zip(auto, grads()):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
 
 
