@@ -3,7 +3,7 @@ sliding-window geometry bench_infer.py reports for MONAI."""
 
 import nibabel as nib
 import numpy as np
-from conftest import ROOT
+from conftest import REAL, ROOT, needs_real
 
 from bench.bench_infer import monai_windows
 from bench.bench_scale import make_scan
@@ -40,3 +40,22 @@ def test_monai_window_count_is_ours():
     for shape, roi in (((97, 97, 70), (96, 96, 80)), ((200, 150, 90), (160, 150, 96)), ((40, 40, 40), (48, 48, 48))):
         ours = np.prod([len(window_starts(max(s, r), r, 0.5)) for s, r in zip(shape, roi)])
         assert monai_windows(shape, roi, 0.5)["windows"] == ours
+
+
+@needs_real
+def test_bench_pathology_scores_each_checkpoint_on_the_same_held_out_phantoms(tmp_path):
+    """One row, one phantom, the shipped model twice: both names get the same Dice, the mass row
+    scores its mass, and the table and JSON are written."""
+    from bench.bench_pathology import main, parse_args
+
+    shipped = str(ROOT / "checkpoints" / "phantom_small.pt")
+    atlas = tmp_path / "atlas"
+    atlas.mkdir()
+    (atlas / "FLARE22_Tr_0001.nii.gz").symlink_to(REAL / "flare22_labels" / "FLARE22_Tr_0001.nii.gz")
+    report = main(parse_args(["--checkpoints", f"{shipped},{shipped}", "--rows", "mass", "--cases", "1",
+                              "--spacing", "4", "--atlas", str(atlas),
+                              "--out", str(tmp_path)]))
+    a, b = report["rows"]
+    assert a["dice"] == b["dice"] and all(0 <= v <= 1 for v in a["dice"].values())
+    assert a["structure_kind"] == "mass" and len(a["structure"]) == 1 and 0 <= a["structure"][0] <= 100
+    assert (tmp_path / "pathology.json").is_file() and "mass painted as organ" in (tmp_path / "pathology.md").read_text()

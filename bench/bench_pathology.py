@@ -1,0 +1,141 @@
+"""Held-out atlas phantoms, one phenomenon at a time: checkpoints side by side on pathology and phases.
+
+    python bench/bench_pathology.py --checkpoints checkpoints/phantom_small.pt,OTHER.pt \\
+        --atlas ../shared/data/real/flare22_labels,../shared/data/real/btcv_labels --out /tmp/path
+
+Each row makes --cases phantoms with atlas_phantom.make_atlas_phantom on a 2 mm grid (2.5 mm slice
+profile), every phenomenon of atlas_phantom.PROBABILITIES off but the row's, in the row's contrast
+phase. Seeds start at 10**9 + 1000 * row: a training stream draws its seeds uniformly from 2**32, so
+these are phantoms no run trained on, though their organ shapes come from the same label maps. The
+four organs are scored by Dice, and the row's own structure by what the model made of it:
+
+  mass        share of the extra-organ mass (labelled background) painted as an organ, %
+  excretory   share of the contrast-filled collecting system (labelled kidney) missed, %
+  lesions     share of the lesions inside the organs (labelled organ) missed, %
+
+Every checkpoint segments the same phantoms (infer.Segmenter: default inference, largest component
+per organ). Prints a markdown table; writes OUT/pathology.json and OUT/pathology.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
+# name: (phase, phenomena forced on, the structure scored beyond the organs and how)
+ROWS = {
+    "portal": ("portal", (), None),
+    "native": ("native", (), None),
+    "excretory": ("excretory", (), "collecting"),
+    "mass": ("portal", ("mass",), "mass"),
+    "lesions": ("portal", ("liver_lesions", "kidney_lesions", "spleen_lesions"), "lesions"),
+    "fatty_liver": ("portal", ("fatty_liver",), None),
+    "ascites": ("portal", ("ascites",), None),
+    "low_dose_metal": ("portal", ("low_dose", "metal"), None),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoints", default=str(ROOT / "checkpoints" / "phantom_small.pt"),
+                   help="checkpoints to score, comma-separated")
+    p.add_argument("--atlas", default=str(ROOT.parent / "shared" / "data" / "real" / "flare22_labels"),
+                   help="folders of label maps for the phantoms, comma-separated")
+    p.add_argument("--rows", default=",".join(ROWS), help="rows, comma-separated")
+    p.add_argument("--cases", type=int, default=4, help="phantoms per row")
+    p.add_argument("--spacing", type=float, default=2.0, help="phantom grid, mm isotropic")
+    p.add_argument("--out", default="", help="folder for the table (default: a new temporary one)")
+    return p.parse_args(argv)
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    denominator = int(pred.sum()) + int(ref.sum())
+    return 1.0 if denominator == 0 else 2.0 * int((pred & ref).sum()) / denominator
+
+
+def structure_score(kind: str | None, pred: np.ndarray, label: np.ndarray, info: dict) -> float | None:
+    """The row's own structure: % of the mass painted as organ, or % of the collecting system or
+    lesions (labelled as their organ) missed; None where the row has none or none was painted."""
+    if kind is None or not info[kind].any():
+        return None
+    where = info[kind]
+    if kind == "mass":
+        return 100.0 * float((pred[where] > 0).mean())
+    return 100.0 * float((pred[where] != label[where]).mean())
+
+
+def main(args: argparse.Namespace) -> dict:
+    from atlas_phantom import PROBABILITIES, load_sources, make_atlas_phantom
+    from infer import Segmenter
+
+    checkpoints = [c for c in args.checkpoints.split(",") if c]
+    atlases, _ = load_sources(args.atlas)
+    segmenters = {c: Segmenter(Path(c), torch.device("cpu")) for c in checkpoints}
+    names = {c: Path(c).parent.name + "/" + Path(c).name if Path(c).name == "last.pt" else Path(c).name
+             for c in checkpoints}
+    start = time.perf_counter()
+    results = []
+    for r, row in enumerate(args.rows.split(",")):
+        phase, forced, kind = ROWS[row]
+        prob = {name: float(name in forced) for name in PROBABILITIES}
+        per = {c: {"dice": {o: [] for o in ORGANS}, "structure": []} for c in checkpoints}
+        for i in range(args.cases):
+            info: dict = {}
+            hu, label, affine = make_atlas_phantom(10**9 + 1000 * r + i, atlases, (args.spacing,) * 3, 2.5,
+                                                   prob=prob, phase=phase, info=info)
+            for c, seg in segmenters.items():
+                pred = seg.segment(hu, affine)
+                for k, organ in enumerate(ORGANS, start=1):
+                    if (label == k).any():
+                        per[c]["dice"][organ].append(dice(pred == k, label == k))
+                score = structure_score(kind, pred, label, info)
+                if score is not None:
+                    per[c]["structure"].append(score)
+        for c in checkpoints:
+            d = per[c]["dice"]
+            results.append({"row": row, "phase": phase, "forced": list(forced), "checkpoint": names[c],
+                            "cases": args.cases, "structure_kind": kind,
+                            "dice": {o: float(np.mean(v)) if v else None for o, v in d.items()},
+                            "dice_cases": d, "structure": per[c]["structure"],
+                            "structure_mean": float(np.mean(per[c]["structure"])) if per[c]["structure"] else None})
+            print(f"{row:15s} {names[c]:24s} " + " ".join(f"{v:.3f}" if v is not None else "-"
+                                                          for v in results[-1]["dice"].values())
+                  + (f"  {kind} {results[-1]['structure_mean']:.1f} %" if results[-1]["structure_mean"] is not None
+                     else ""), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    report = {"rows": results, "atlas": args.atlas, "spacing_mm": args.spacing, "cases": args.cases,
+              "seconds": round(time.perf_counter() - start, 1), "commit": commit.strip(),
+              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}"}
+    what = {"mass": "mass painted as organ", "collecting": "collecting system missed", "lesions": "lesions missed"}
+    lines = ["| row | checkpoint | liver | right kidney | left kidney | spleen | own structure |",
+             "|---|---|---|---|---|---|---|"]
+    for x in results:
+        own = f"{what[x['structure_kind']]} {x['structure_mean']:.1f} %" if x["structure_mean"] is not None else ""
+        lines.append(f"| {x['row']} | {x['checkpoint']} | "
+                     + " | ".join(f"{v:.3f}" if v is not None else "-" for v in x["dice"].values()) + f" | {own} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_pathology_"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pathology.json").write_text(json.dumps(report, indent=1))
+    (out / "pathology.md").write_text(table + "\n")
+    print(f"wrote {out / 'pathology.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
