@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -88,13 +89,27 @@ def cudnn_autotune(on: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = before
 
 
-def mixed_precision_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype on device: None on a CPU (float32); on CUDA bfloat16 where the GPU computes
-    it natively (compute capability 8.0 and up), else float16, which training pairs with a GradScaler.
-    torch's is_bf16_supported() counts emulation by default and says yes on a T4 or V100, whose cuDNN
-    has no bfloat16 3D convolutions (the first step crashes or crawls)."""
+@functools.cache
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (Intel AMX, Xeon 4th generation and later;
+    Linux's "amx_bf16" flag), where oneDNN's bf16 convolutions run about 3x the float32 rate. Elsewhere
+    bf16 is emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def mixed_precision_dtype(device: torch.device, cpu: bool = False) -> torch.dtype | None:
+    """The autocast dtype on device: on CUDA bfloat16 where the GPU computes it natively (compute
+    capability 8.0 and up), else float16, which training pairs with a GradScaler. torch's
+    is_bf16_supported() counts emulation by default and says yes on a T4 or V100, whose cuDNN has no
+    bfloat16 3D convolutions (the first step crashes or crawls). On a CPU: None (float32), or with
+    cpu=True (training) bfloat16 where the CPU has bf16 units (cpu_has_bf16_units). Inference keeps
+    float32 on a CPU, so its masks do not depend on the CPU it runs on."""
     if device.type != "cuda":
-        return None
+        return torch.bfloat16 if cpu and device.type == "cpu" and cpu_has_bf16_units() else None
     # Both ask about the current device: distributed.setup makes it the one named (cuda:N, or LOCAL_RANK's).
     try:
         native = torch.cuda.is_bf16_supported(including_emulation=False)

@@ -53,6 +53,17 @@ def test_bf16_only_where_native(major, expected, monkeypatch):
     assert mixed_precision_dtype(torch.device("cpu")) is None
 
 
+@pytest.mark.parametrize("units", [True, False], ids=["amx", "no-amx"])
+def test_cpu_trains_in_bf16_only_with_bf16_units_and_infers_in_float32(units, monkeypatch):
+    """A CPU with AMX bf16 units trains in bf16 (about 3x float32 there); other CPUs, whose bf16 is
+    emulated, train in float32; inference keeps float32 on any CPU, so masks do not depend on it."""
+    import utils
+
+    monkeypatch.setattr(utils, "cpu_has_bf16_units", lambda: units)
+    assert mixed_precision_dtype(torch.device("cpu"), cpu=True) == (torch.bfloat16 if units else None)
+    assert mixed_precision_dtype(torch.device("cpu")) is None
+
+
 def test_bf16_choice_on_a_torch_without_the_emulation_argument(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # torch < 2.3: no including_emulation
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
