@@ -493,7 +493,10 @@ def test_fresh_clone_after_training_uses_the_shipped_model(tiny_dataset, scan, t
     r = subprocess.run([sys.executable, "infer.py", "--input", str(scan[0]), "--output", str(tmp_path / "a.nii.gz"),
                         "--device", "cpu", "--no-png"], cwd=clone, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0] == f"model {clone / 'checkpoints' / 'phantom_small.pt'} (card: docs/MODEL_CARD.md)"
+    members = len(torch.load(infer.SHIPPED, weights_only=True).get("members") or [None])
+    ensemble = f", an ensemble of {members}" if members > 1 else ""
+    assert r.stdout.splitlines()[0] == (f"model {clone / 'checkpoints' / 'phantom_small.pt'}{ensemble} "
+                                        f"(card: docs/MODEL_CARD.md)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,13 +91,13 @@ def test_shipped_model_warns_on_a_liver_dome_and_exits_0(tmp_path):
         assert stats["warnings"] == report["warnings"].get(name, [])
 
 
-# The shipped model's Dice on these rows (bench/bench_robustness.py) less 0.03: floors against
+# The shipped ensemble's Dice on these rows (bench/bench_robustness.py) less 0.03: floors against
 # regressions, to be raised with the model.
 FLOORS = {
-    ("ircad_p1", "thick"): {"liver": 0.893, "right_kidney": 0.789, "left_kidney": 0.838, "spleen": 0.868},
-    ("ircad_p1", "noise"): {"liver": 0.901, "right_kidney": 0.827, "left_kidney": 0.828, "spleen": 0.876},
-    ("totalseg_example", "thick"): {"liver": 0.865, "right_kidney": 0.843, "left_kidney": 0.819, "spleen": 0.897},
-    ("totalseg_example", "noise"): {"liver": 0.879, "right_kidney": 0.849, "left_kidney": 0.836, "spleen": 0.889},
+    ("ircad_p1", "thick"): {"liver": 0.864, "right_kidney": 0.871, "left_kidney": 0.843, "spleen": 0.745},
+    ("ircad_p1", "noise"): {"liver": 0.866, "right_kidney": 0.892, "left_kidney": 0.828, "spleen": 0.733},
+    ("totalseg_example", "thick"): {"liver": 0.774, "right_kidney": 0.661, "left_kidney": 0.813, "spleen": 0.891},
+    ("totalseg_example", "noise"): {"liver": 0.784, "right_kidney": 0.750, "left_kidney": 0.823, "spleen": 0.901},
 }
 
 
