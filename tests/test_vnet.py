@@ -94,6 +94,9 @@ def test_weight_gradient_route_is_timed_once_per_shape_and_fixed_when_determinis
     import vnet
 
     monkeypatch.setattr(vnet, "_wgrad_choice", {})
+    monkeypatch.setattr(vnet, "WGRAD_ROUTE", "auto")
+    # An earlier in-process run with --deterministic may have left deterministic algorithms on.
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
     torch.manual_seed(0)
     model = build_vnet("small", base_width=4)
     x, target = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 5, (2, 32, 32, 32))
