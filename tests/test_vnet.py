@@ -67,10 +67,8 @@ def test_swapped_weight_gradient_equals_torch(cin, cout, side, kernel, bias, cha
         torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
 
 
-def test_vnet_gradients_do_not_depend_on_the_weight_gradient_path(monkeypatch):
-    import vnet
-
-    monkeypatch.setattr(vnet, "WGRAD_ROUTE", "rule")
+def small_vnet_gradients():
+    """A function returning a fresh backward pass's parameter gradients of one fixed small VNet and batch."""
     torch.manual_seed(0)
     model = build_vnet("small", base_width=4)
     x, target = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 5, (2, 32, 32, 32))
@@ -79,6 +77,15 @@ def test_vnet_gradients_do_not_depend_on_the_weight_gradient_path(monkeypatch):
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(x), target).backward()
         return [p.grad.clone() for p in model.parameters()]
+
+    return grads
+
+
+def test_vnet_gradients_do_not_depend_on_the_weight_gradient_path(monkeypatch):
+    import vnet
+
+    monkeypatch.setattr(vnet, "WGRAD_ROUTE", "rule")
+    grads = small_vnet_gradients()
 
     swapped = grads()  # the default thresholds: the deep stages and small outputs swapped
     monkeypatch.setattr(vnet, "SWAPPED_WGRAD_MAX_VOXELS", 0)
@@ -97,14 +104,7 @@ def test_weight_gradient_route_is_timed_once_per_shape_and_fixed_when_determinis
     monkeypatch.setattr(vnet, "WGRAD_ROUTE", "auto")
     # An earlier in-process run with --deterministic may have left deterministic algorithms on.
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
-    torch.manual_seed(0)
-    model = build_vnet("small", base_width=4)
-    x, target = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 5, (2, 32, 32, 32))
-
-    def grads():
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        return [p.grad.clone() for p in model.parameters()]
+    grads = small_vnet_gradients()
 
     auto = grads()
     assert len(vnet._wgrad_choice) > 3 and all(isinstance(v, bool) for v in vnet._wgrad_choice.values())
