@@ -852,7 +852,7 @@ def main(args: argparse.Namespace) -> dict:
     if ema is not None and state is not None:
         model.load_state_dict(state["train_weights"])
     kept = ema.model if ema is not None else model  # the weights validation scores and checkpoints hold
-    amp_dtype = mixed_precision_dtype(device, cpu=True) if cfg.amp else None
+    amp_dtype = mixed_precision_dtype(device, training=True) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     history: list[dict] = []

@@ -101,15 +101,15 @@ def cpu_has_bf16_units() -> bool:
         return False
 
 
-def mixed_precision_dtype(device: torch.device, cpu: bool = False) -> torch.dtype | None:
+def mixed_precision_dtype(device: torch.device, training: bool = False) -> torch.dtype | None:
     """The autocast dtype on device: on CUDA bfloat16 where the GPU computes it natively (compute
     capability 8.0 and up), else float16, which training pairs with a GradScaler. torch's
     is_bf16_supported() counts emulation by default and says yes on a T4 or V100, whose cuDNN has no
-    bfloat16 3D convolutions (the first step crashes or crawls). On a CPU: None (float32), or with
-    cpu=True (training) bfloat16 where the CPU has bf16 units (cpu_has_bf16_units). Inference keeps
+    bfloat16 3D convolutions (the first step crashes or crawls). On a CPU: None (float32), or for
+    training bfloat16 where the CPU has bf16 units (cpu_has_bf16_units). Inference keeps
     float32 on a CPU, so its masks do not depend on the CPU it runs on."""
     if device.type != "cuda":
-        return torch.bfloat16 if cpu and device.type == "cpu" and cpu_has_bf16_units() else None
+        return torch.bfloat16 if training and device.type == "cpu" and cpu_has_bf16_units() else None
     # Both ask about the current device: distributed.setup makes it the one named (cuda:N, or LOCAL_RANK's).
     try:
         native = torch.cuda.is_bf16_supported(including_emulation=False)

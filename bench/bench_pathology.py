@@ -33,7 +33,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
 # name: (phase, phenomena forced on, the structure scored beyond the organs and how)
 ROWS = {
     "portal": ("portal", (), None),
@@ -61,11 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    denominator = int(pred.sum()) + int(ref.sum())
-    return 1.0 if denominator == 0 else 2.0 * int((pred & ref).sum()) / denominator
-
-
 def structure_score(kind: str | None, pred: np.ndarray, label: np.ndarray, info: dict) -> float | None:
     """The row's own structure: % of the mass painted as organ, or % of the collecting system or
     lesions (labelled as their organ) missed; None where the row has none or none was painted."""
@@ -80,6 +74,7 @@ def structure_score(kind: str | None, pred: np.ndarray, label: np.ndarray, info:
 def main(args: argparse.Namespace) -> dict:
     from atlas_phantom import PROBABILITIES, load_sources, make_atlas_phantom
     from infer import Segmenter
+    from utils import ORGANS, dice_per_organ
 
     checkpoints = [c for c in args.checkpoints.split(",") if c]
     atlases, _ = load_sources(args.atlas)
@@ -96,11 +91,12 @@ def main(args: argparse.Namespace) -> dict:
             info: dict = {}
             hu, label, affine = make_atlas_phantom(10**9 + 1000 * r + i, atlases, (args.spacing,) * 3, 2.5,
                                                    prob=prob, phase=phase, info=info)
+            present = {organ for k, organ in enumerate(ORGANS, start=1) if (label == k).any()}
             for c, seg in segmenters.items():
                 pred = seg.segment(hu, affine)
-                for k, organ in enumerate(ORGANS, start=1):
-                    if (label == k).any():
-                        per[c]["dice"][organ].append(dice(pred == k, label == k))
+                for organ, score in dice_per_organ(pred, label).items():
+                    if organ in present:  # an organ the phantom lacks (a missing kidney) is not scored
+                        per[c]["dice"][organ].append(score)
                 score = structure_score(kind, pred, label, info)
                 if score is not None:
                     per[c]["structure"].append(score)

@@ -60,7 +60,7 @@ def test_cpu_trains_in_bf16_only_with_bf16_units_and_infers_in_float32(units, mo
     import utils
 
     monkeypatch.setattr(utils, "cpu_has_bf16_units", lambda: units)
-    assert mixed_precision_dtype(torch.device("cpu"), cpu=True) == (torch.bfloat16 if units else None)
+    assert mixed_precision_dtype(torch.device("cpu"), training=True) == (torch.bfloat16 if units else None)
     assert mixed_precision_dtype(torch.device("cpu")) is None
 
 
