@@ -661,6 +661,48 @@ def _paint_pelvis(c: Canvas, rng: np.random.Generator, cavity: np.ndarray, organ
     return where
 
 
+def _paint_diaphragm(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, muscle_hu: float
+                     ) -> np.ndarray:
+    """The diaphragm and the wall's inner muscle, 2.5-6 mm of muscle HU (background) on the liver's
+    and spleen's dome, outer flank and back, with no fat between: on real CT the liver lies against
+    it, and a model that has only seen fat around the liver calls this muscle liver (a rim of
+    over-segmentation). Returns the painted mask (X, Y, Z) bool."""
+    u = rng.uniform
+    painted = np.zeros(c.grid.shape, bool)
+    liver = np.argwhere(organs == 1)
+    if len(liver) == 0:
+        return painted
+    right = 1.0 if c.x[liver[:, 0]].mean() > 0 else -1.0
+    thick = u(2.5, 6.0)
+    for value, side in ((1, right), (3, -right)):
+        organ = organs == value
+        box = _bbox(organ, int(np.ceil(thick / min(c.grid.spacing))) + 1)
+        if box is None:
+            continue
+        shell = (_depth(organ[box], c.grid.spacing, outside=True, reach_mm=thick + 1) < thick) & (organs[box] == 0)
+        shell &= cavity[box]
+        p = _world(c, np.argwhere(organ))
+        mid, spread = p.mean(0), p.std(0)
+        x, y, z = _coords(c, box)
+        back = (y < mid[1] - 0.5 * spread[1]) & (z > mid[2] - spread[2])
+        shell &= (z > mid[2]) | (side * (x - mid[0]) > 0.5 * spread[0]) | back
+        painted[box] |= shell
+    c.hu[painted] = muscle_hu + 5 * rng.standard_normal(int(painted.sum()))
+    return painted
+
+
+def _underside(c: Canvas, organ: np.ndarray, right: float) -> np.ndarray:
+    """World mm (N, 3) of the organ's voxels with none of it below, on the right lobe (x beyond the
+    organ's middle on the side `right`) and in its lower half: where the hepatic flexure presses."""
+    bottom = organ.copy()
+    bottom[:, :, 1:] &= ~organ[:, :, :-1]
+    p = _world(c, np.argwhere(bottom))
+    if len(p) == 0:
+        return p
+    mid = _world(c, np.argwhere(organ)).mean(0)
+    return p[(right * (p[:, 0] - mid[0]) > 0) & (p[:, 2] < mid[2])]
+
+
 def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: float, b: float, z_crest: float
                 ) -> list[tuple[np.ndarray, float]]:
     """Centre points (mm) and radii of the colon: cecum and ascending colon up the liver's flank to
@@ -674,15 +716,35 @@ def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: floa
     z_liver = float(np.quantile(c.z[liver[:, 2]], 0.03))
     z_spleen = float(np.quantile(c.z[spleen[:, 2]], 0.1))
     hepatic = np.array([right * u(0.45, 0.65) * a, u(-0.1, 0.35) * b, z_liver - u(0, 25)])
+    r_ascending = u(22, 35)
+    # Most often the hepatic flexure sits in the underside of the liver's right lobe and the ascending
+    # colon against the right kidney's lower pole, so the model must find the boundary between organ
+    # and bowel, not a layer of fat (on a real CT, stool pressed into the liver was painted liver).
+    press = rng.random() < 0.75
+    if press:
+        under = _underside(c, organs == 1, right)
+        if len(under):
+            hepatic = under[int(rng.integers(len(under)))] - [0.0, 0.0, u(0.4, 0.8) * r_ascending]
     splenic = np.array([-right * u(0.5, 0.7) * a, u(-0.2, 0.2) * b, z_spleen + u(-20, 20)])
     cecum = np.array([right * u(0.4, 0.6) * a, u(-0.1, 0.3) * b, z_crest - u(10, 60)])
-    r_ascending = u(22, 35)
     sag = np.array([u(-30, 30), u(0.35, 0.65) * b, min(z_liver, z_spleen) - u(10, 90)])  # transverse, mid
     r_transverse = u(18, 30)
     sigmoid = np.array([-right * u(0.5, 0.65) * a, u(-0.2, 0.1) * b, z_crest - u(0, 50)])
     r_descending = u(15, 25)
     waypoints = [cecum, hepatic, sag, splenic, sigmoid]
     radii = [r_ascending, r_transverse, r_transverse, r_descending]
+    kidney = np.argwhere(organs == 2)
+    if press and len(kidney):  # in front of and beside the right kidney's lower half
+        k = _world(c, kidney)
+        low = k[k[:, 2] < np.quantile(k[:, 2], u(0.2, 0.5))]
+        side = low[(right * low[:, 0] > right * k[:, 0].mean()) & (low[:, 1] > k[:, 1].mean())]
+        if len(side):
+            p = side[int(rng.integers(len(side)))]
+            out = p - k.mean(0)
+            out[2] = 0.0
+            renal = p + out / (np.linalg.norm(out) + 1e-6) * u(0.4, 0.8) * r_ascending
+            waypoints.insert(1, renal)
+            radii.insert(0, r_ascending)
     points = []
     for p0, p1, r in zip(waypoints[:-1], waypoints[1:], radii):
         n = max(2, int(np.linalg.norm(p1 - p0) / (r / 3)))
@@ -693,10 +755,10 @@ def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: floa
 
 
 def _paint_colon(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, a: float, b: float,
-                 z_crest: float) -> None:
+                 z_crest: float) -> np.ndarray:
     """The colon, never over organs: its contents stool (mottled, -20 to 45 HU with gas bubbles),
     fluid (0-30 HU) or gas, each stretch drawn apart, inside a 2-4 mm wall of 20-50 HU. A stool-filled
-    right colon under the liver is soft tissue a model must not call liver."""
+    right colon under the liver is soft tissue a model must not call liver. Returns its mask (X, Y, Z) bool."""
     u = rng.uniform
     colon = np.zeros(c.grid.shape, dtype=bool)
     for center, r in _colon_path(rng, organs, c, a, b, z_crest):
@@ -707,7 +769,7 @@ def _paint_colon(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity
     colon &= (organs == 0) & cavity
     idx = np.argwhere(colon)
     if idx.size == 0:
-        return
+        return colon
     box = tuple(slice(lo, hi + 1) for lo, hi in zip(idx.min(0), idx.max(0)))
     inside = colon[box]
     extent = max((hi - lo) * s for lo, hi, s in zip(idx.min(0), idx.max(0), c.grid.spacing))
@@ -729,6 +791,7 @@ def _paint_colon(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity
     contents[inside & (_depth(inside, c.grid.spacing) < u(2, 4))] = u(20, 50)
     region = c.hu[box]
     region[inside] = contents[inside]
+    return colon
 
 
 def _paint_arms(c: Canvas, rng: np.random.Generator, a: float, b: float, hu_of: dict) -> None:
@@ -907,8 +970,10 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
             ys = np.broadcast_to(c.y[None, :, None], lumen.shape)[lumen]
             level = np.quantile(ys, u(0.5, 0.9))
             hu[lumen & (c.y[None, :, None] > level)] = -1000 + u(0, 100)
+    found["diaphragm"] = _paint_diaphragm(c, rng, organs, cavity, hu_of["muscle"])
+    found["colon"] = np.zeros(grid.shape, bool)
     if rng.random() < 0.9:
-        _paint_colon(c, rng, organs, cavity, a, b, z_crest)
+        found["colon"] = _paint_colon(c, rng, organs, cavity, a, b, z_crest)
     c.label = TO_OURS[organs]
 
     _paint_ribs(c, rng, rho, a, fat, wall, bottom, atlas.z_left_kidney * scale[2])

@@ -125,7 +125,7 @@ def test_every_phase_paints_its_calibrated_organs(atlases, phase):
     if phase == "excretory":
         assert painted[system].min() >= 250 and np.median(painted[system]) >= 300
         assert info["ureter"].any() and not label[info["ureter"]].any()  # ureters are background
-        assert np.median(painted[info["ureter"]]) > 200
+        assert np.quantile(painted[info["ureter"]], 0.9) > 200  # opacified, but for collapsed stretches
     else:
         assert painted[system].max() <= 70 and not info["ureter"].any()
 
@@ -225,3 +225,25 @@ def test_real_btcv_and_kits_maps_load():
     assert x[1] > x[3] and 900 < (btcv.label == 1).sum() * 8 / 1000 < 3500  # liver on the right, 0.9-3.5 L
     shapes = load_source(str(atlas_paths(REAL / "kits23_labels")[0]))
     assert shapes and {s.kind for s in shapes} <= {"tumour", "cyst"}
+
+
+def test_diaphragm_is_background_muscle_against_liver_and_spleen(atlases):
+    hu, label, info = _phantom(atlases, phase="portal")
+    muscle = info["diaphragm"]
+    assert muscle.sum() > 20 and not label[muscle].any()
+    lo, hi = PHASES["portal"]["muscle"]
+    assert lo - 40 <= np.median(info["painted"][muscle]) <= hi + 40
+    assert (muscle & _dilate(label == 1)).any() and (muscle & _dilate(label == 4)).any()  # no fat between
+    liver = np.argwhere(label == 1)
+    assert np.argwhere(muscle)[:, 2].mean() > liver[:, 2].mean() - 2  # the dome and flanks, not the underside
+
+
+def test_colon_is_pressed_against_liver_and_right_kidney(atlases):
+    touching = {"liver": 0, "right kidney": 0}
+    for seed in range(6):
+        _, label, info = _phantom(atlases, seed=seed)
+        colon = info["colon"]
+        assert not label[colon].any()
+        touching["liver"] += bool((colon & _dilate(label == 1)).any())
+        touching["right kidney"] += bool((colon & _dilate(label == 2)).any())
+    assert touching["liver"] >= 3 and touching["right kidney"] >= 3, touching
