@@ -717,9 +717,9 @@ def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: floa
     z_spleen = float(np.quantile(c.z[spleen[:, 2]], 0.1))
     hepatic = np.array([right * u(0.45, 0.65) * a, u(-0.1, 0.35) * b, z_liver - u(0, 25)])
     r_ascending = u(22, 35)
-    # Most often the hepatic flexure sits in the underside of the liver's right lobe and the ascending
-    # colon against the right kidney's lower pole, so the model must find the boundary between organ
-    # and bowel, not a layer of fat (on a real CT, stool pressed into the liver was painted liver).
+    # Most often the hepatic flexure sits in the underside of the liver's right lobe, so the model must
+    # find the boundary between organ and bowel, not a layer of fat (on a real CT, stool pressed into the
+    # liver was painted liver), and the ascending colon lies on the right kidney's perirenal fat.
     press = rng.random() < 0.75
     if press:
         under = _underside(c, organs == 1, right)
@@ -734,7 +734,7 @@ def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: floa
     waypoints = [cecum, hepatic, sag, splenic, sigmoid]
     radii = [r_ascending, r_transverse, r_transverse, r_descending]
     kidney = np.argwhere(organs == 2)
-    if press and len(kidney):  # in front of and beside the right kidney's lower half
+    if press and len(kidney):  # in front of and beside the right kidney's lower half, on its fat (the caller keeps it)
         k = _world(c, kidney)
         low = k[k[:, 2] < np.quantile(k[:, 2], u(0.2, 0.5))]
         side = low[(right * low[:, 0] > right * k[:, 0].mean()) & (low[:, 1] > k[:, 1].mean())]
@@ -756,9 +756,10 @@ def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: floa
 
 def _paint_colon(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, a: float, b: float,
                  z_crest: float) -> np.ndarray:
-    """The colon, never over organs: its contents stool (mottled, -20 to 45 HU with gas bubbles),
-    fluid (0-30 HU) or gas, each stretch drawn apart, inside a 2-4 mm wall of 20-50 HU. A stool-filled
-    right colon under the liver is soft tissue a model must not call liver. Returns its mask (X, Y, Z) bool."""
+    """The colon, never over organs, inside `cavity` (where the caller has left out the perirenal fat):
+    its contents stool (mottled, -20 to 45 HU with gas bubbles), fluid (0-30 HU) or gas, each stretch
+    drawn apart, inside a 2-4 mm wall of 20-50 HU. A stool-filled right colon under the liver is soft
+    tissue a model must not call liver. Returns its mask (X, Y, Z) bool."""
     u = rng.uniform
     colon = np.zeros(c.grid.shape, dtype=bool)
     for center, r in _colon_path(rng, organs, c, a, b, z_crest):
@@ -928,9 +929,10 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     hu = c.hu
     # Perirenal fat: the kidneys sit in a fat capsule 3-12 mm thick, the retroperitoneum's sharpest cue.
     kidneys = (organs == 2) | (organs == 13)
+    found["perirenal"] = np.zeros(grid.shape, bool)
     if kidneys.any():
-        near = _depth(kidneys, grid.spacing, outside=True, reach_mm=12.0) < u(3, 12)
-        hu[near & (organs == 0) & cavity] = u(-110, -70)
+        found["perirenal"] = (_depth(kidneys, grid.spacing, outside=True, reach_mm=12.0) < u(3, 12)) & (organs == 0) & cavity
+        hu[found["perirenal"]] = u(-110, -70)
     tex = _smooth_noise(rng, grid.shape, 8)
     liver = organs == 1
     hu[liver] = hu_of["liver"] + 6 * tex[liver]
@@ -973,7 +975,7 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     found["diaphragm"] = _paint_diaphragm(c, rng, organs, cavity, hu_of["muscle"])
     found["colon"] = np.zeros(grid.shape, bool)
     if rng.random() < 0.9:
-        found["colon"] = _paint_colon(c, rng, organs, cavity, a, b, z_crest)
+        found["colon"] = _paint_colon(c, rng, organs, cavity & ~found["perirenal"], a, b, z_crest)
     c.label = TO_OURS[organs]
 
     _paint_ribs(c, rng, rho, a, fat, wall, bottom, atlas.z_left_kidney * scale[2])

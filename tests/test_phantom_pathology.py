@@ -238,12 +238,12 @@ def test_diaphragm_is_background_muscle_against_liver_and_spleen(atlases):
     assert np.argwhere(muscle)[:, 2].mean() > liver[:, 2].mean() - 2  # the dome and flanks, not the underside
 
 
-def test_colon_is_pressed_against_liver_and_right_kidney(atlases):
-    touching = {"liver": 0, "right kidney": 0}
+def test_colon_is_pressed_against_liver_and_lies_on_the_right_kidneys_fat(atlases):
+    touching = {"liver": 0, "right kidney's fat": 0}
     for seed in range(6):
         _, label, info = _phantom(atlases, seed=seed)
         colon = info["colon"]
-        assert not label[colon].any()
+        assert not label[colon].any() and not (colon & info["perirenal"]).any()
         touching["liver"] += bool((colon & _dilate(label == 1)).any())
-        touching["right kidney"] += bool((colon & _dilate(label == 2)).any())
-    assert touching["liver"] >= 3 and touching["right kidney"] >= 3, touching
+        touching["right kidney's fat"] += bool((colon & _dilate(info["perirenal"] & _dilate(label == 2, 4))).any())
+    assert touching["liver"] >= 3 and touching["right kidney's fat"] >= 3, touching
