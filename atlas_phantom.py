@@ -665,8 +665,8 @@ def _paint_diaphragm(c: Canvas, rng: np.random.Generator, organs: np.ndarray, ca
                      ) -> np.ndarray:
     """The diaphragm and the wall's inner muscle, 2.5-6 mm of muscle HU (background) on the liver's
     and spleen's dome, outer flank and back, with no fat between: on real CT the liver lies against
-    it, and a model that has only seen fat around the liver calls this muscle liver (a rim of
-    over-segmentation). Returns the painted mask (X, Y, Z) bool."""
+    it, and a model that has only seen fat around the liver has no cue to stop at it (a likely source
+    of the rim of over-segmentation seen on real CT). Returns the painted mask (X, Y, Z) bool."""
     u = rng.uniform
     painted = np.zeros(c.grid.shape, bool)
     liver = np.argwhere(organs == 1)
@@ -824,7 +824,7 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     prob overrides entries of PROBABILITIES (1.0 forces a phenomenon on, 0.0 off); phase forces a
     contrast phase of PHASE_PROBABILITIES. A dict given as info receives what was painted: the phase,
     the phenomena drawn, the painted HU before scanner blur and noise ("painted", X, Y, Z float32)
-    and each phenomenon's mask (X, Y, Z bool).
+    and each phenomenon's mask (X, Y, Z bool), the perirenal fat, diaphragm and colon among them.
     """
     if not atlases:
         raise UserError(f"no atlas label maps given; pass folders of {MAPS_HELP} to --atlas")
