@@ -661,6 +661,12 @@ def _paint_pelvis(c: Canvas, rng: np.random.Generator, cavity: np.ndarray, organ
     return where
 
 
+def _liver_side(c: Canvas, liver: np.ndarray) -> float:
+    """+1.0 if the liver's voxels (N, 3 indices) lie at positive x, else -1.0: the patient's right,
+    whatever the orientation."""
+    return 1.0 if c.x[liver[:, 0]].mean() > 0 else -1.0
+
+
 def _paint_diaphragm(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, muscle_hu: float
                      ) -> np.ndarray:
     """The diaphragm and the wall's inner muscle, 2.5-6 mm of muscle HU (background) on the liver's
@@ -672,7 +678,7 @@ def _paint_diaphragm(c: Canvas, rng: np.random.Generator, organs: np.ndarray, ca
     liver = np.argwhere(organs == 1)
     if len(liver) == 0:
         return painted
-    right = 1.0 if c.x[liver[:, 0]].mean() > 0 else -1.0
+    right = _liver_side(c, liver)
     thick = u(2.5, 6.0)
     for value, side in ((1, right), (3, -right)):
         organ = organs == value
@@ -712,7 +718,7 @@ def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: floa
     liver, spleen = np.argwhere(organs == 1), np.argwhere(organs == 3)
     if len(liver) == 0 or len(spleen) == 0:
         return []
-    right = 1.0 if c.x[liver[:, 0]].mean() > 0 else -1.0  # the liver's side, whatever the orientation
+    right = _liver_side(c, liver)
     z_liver = float(np.quantile(c.z[liver[:, 2]], 0.03))
     z_spleen = float(np.quantile(c.z[spleen[:, 2]], 0.1))
     hepatic = np.array([right * u(0.45, 0.65) * a, u(-0.1, 0.35) * b, z_liver - u(0, 25)])
