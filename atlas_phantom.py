@@ -64,7 +64,13 @@ PROBABILITIES = {
     "ascites": 0.1, "fatty_liver": 0.15, "hepatomegaly": 0.1, "splenomegaly": 0.1,
     "atrophic_kidney": 0.05, "missing_kidney": 0.04,
     "metal": 0.1, "low_dose": 0.15,
+    "jejunum": 0.85,  # small-bowel loops in the left upper abdomen, walls enhancing with the phase (background)
 }
+# Small-bowel and colon wall per phase: the jejunum's mucosa enhances as much as the spleen in the
+# portal phase (IRCAD patient 1: 106 HU median, 86..118 p25..p75, in the loops beside its spleen and
+# left kidney), so HU alone cannot tell the two apart there.
+BOWEL_WALL = {"native": (30, 50), "arterial": (60, 130), "portal": (80, 150), "nephrographic": (80, 140),
+              "excretory": (60, 110)}
 PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
 MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
              "KiTS23 maps (case_XXXXX.nii.gz)")
@@ -761,11 +767,11 @@ def _colon_path(rng: np.random.Generator, organs: np.ndarray, c: Canvas, a: floa
 
 
 def _paint_colon(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, a: float, b: float,
-                 z_crest: float) -> np.ndarray:
+                 z_crest: float, wall_hu: float) -> np.ndarray:
     """The colon, never over organs, inside `cavity` (where the caller has left out the perirenal fat):
     its contents stool (mottled, -20 to 45 HU with gas bubbles), fluid (0-30 HU) or gas, each stretch
-    drawn apart, inside a 2-4 mm wall of 20-50 HU. A stool-filled right colon under the liver is soft
-    tissue a model must not call liver. Returns its mask (X, Y, Z) bool."""
+    drawn apart, inside a 2-4 mm wall of wall_hu (BOWEL_WALL, the phase's) -20..0 HU. A stool-filled
+    right colon under the liver is soft tissue a model must not call liver. Returns its mask (X, Y, Z) bool."""
     u = rng.uniform
     colon = np.zeros(c.grid.shape, dtype=bool)
     for center, r in _colon_path(rng, organs, c, a, b, z_crest):
@@ -795,10 +801,54 @@ def _paint_colon(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity
         else:
             fill = np.full(inside.shape, -1000 + u(0, 100), dtype=np.float32)
         contents = np.where(kind == k, fill, contents)
-    contents[inside & (_depth(inside, c.grid.spacing) < u(2, 4))] = u(20, 50)
+    contents[inside & (_depth(inside, c.grid.spacing) < u(2, 4))] = wall_hu - u(0, 20)
     region = c.hu[box]
     region[inside] = contents[inside]
     return colon
+
+
+def _paint_jejunum(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, wall_hu: float
+                   ) -> np.ndarray:
+    """Jejunal loops (background) in the left upper abdomen, from the spleen's hilum down past the
+    left kidney, never over organs and inside `cavity` (the caller leaves out the perirenal fat):
+    15-30 mm loops whose 2-4 mm wall enhances with the phase (wall_hu, BOWEL_WALL), each loop
+    collapsed (all wall, feathery mucosa), fluid-filled (0-30 HU) or with oral contrast (150-350 HU).
+    On a portal-venous CT such loops lie against the spleen's tip and the left kidney's fat at
+    the spleen's HU. Returns the painted mask (X, Y, Z) bool."""
+    u = rng.uniform
+    painted = np.zeros(c.grid.shape, bool)
+    liver, spleen = np.argwhere(organs == 1), np.argwhere(organs == 3)
+    if len(liver) == 0 or len(spleen) == 0:
+        return painted
+    left = -_liver_side(c, liver)
+    s = _world(c, spleen)
+    top = s[:, 2].mean() + u(-10, 20)
+    bottom = s[:, 2].min() - u(60, 120)
+    kidneys = np.argwhere((organs == 2) | (organs == 13))
+    front = c.y[kidneys[:, 1]].mean() if len(kidneys) else s[:, 1].mean()  # intraperitoneal: in front
+    x, y, z = _coords(c, tuple(slice(None) for _ in range(3)))
+    region = cavity & (organs == 0) & (z < top) & (z > bottom) & (y > front - u(0, 15)) & (left * x > -60)
+    box = _bbox(region)
+    if box is None:
+        return painted
+    inside = region[box]
+    extent = max((sl.stop - sl.start) * sp for sl, sp in zip(box, c.grid.spacing))
+    cells = int(np.clip(extent / 25.0, 3, 30))  # loops 15-30 mm across
+    loops, kind, mottle = (_smooth_noise(rng, inside.shape, cells) for _ in range(3))
+    # fewer loops towards the midline and none 60 mm past it: the jejunum keeps to the left
+    fade = np.clip(-left * x[box[0]] / 60.0, 0.0, 1.0)
+    loop = inside & (loops > u(0.1, 0.3) + 0.6 * fade)
+    if not loop.any():
+        return painted
+    fill = np.where(kind < -0.2, u(0, 30), wall_hu - 10 + 25 * mottle)  # fluid or collapsed mucosa
+    if rng.random() < 0.2:
+        fill = np.where(kind > 0.5, u(150, 350), fill)  # positive oral contrast
+    fill = fill.astype(np.float32)
+    fill[loop & (_depth(loop, c.grid.spacing) < u(2, 4))] = wall_hu
+    sub = c.hu[box]
+    sub[loop] = fill[loop]
+    painted[box] = loop
+    return painted
 
 
 def _paint_arms(c: Canvas, rng: np.random.Generator, a: float, b: float, hu_of: dict) -> None:
@@ -978,10 +1028,14 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
             ys = np.broadcast_to(c.y[None, :, None], lumen.shape)[lumen]
             level = np.quantile(ys, u(0.5, 0.9))
             hu[lumen & (c.y[None, :, None] > level)] = -1000 + u(0, 100)
+    wall_hu = _tissue(rng, BOWEL_WALL[phase]) + u(-15, 15)
+    found["jejunum"] = np.zeros(grid.shape, bool)
+    if on["jejunum"]:
+        found["jejunum"] = _paint_jejunum(c, rng, organs, cavity & ~found["perirenal"], wall_hu)
     found["diaphragm"] = _paint_diaphragm(c, rng, organs, cavity, hu_of["muscle"])
     found["colon"] = np.zeros(grid.shape, bool)
     if rng.random() < 0.9:
-        found["colon"] = _paint_colon(c, rng, organs, cavity & ~found["perirenal"], a, b, z_crest)
+        found["colon"] = _paint_colon(c, rng, organs, cavity & ~found["perirenal"], a, b, z_crest, wall_hu)
     c.label = TO_OURS[organs]
 
     _paint_ribs(c, rng, rho, a, fat, wall, bottom, atlas.z_left_kidney * scale[2])
