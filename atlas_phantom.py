@@ -308,6 +308,8 @@ def _paint_kidney(c: Canvas, organs: np.ndarray, value: int, rng: np.random.Gene
     hu[sinus] = u(-100, -30) if rng.random() < 0.8 else u(-30, 10)  # sinus fat, fibrous in some
     # The pelvis fills the sinus's medial third, calyces branch from it toward the medulla.
     pelvis = sinus & (toward > np.quantile(toward[sinus], u(0.5, 0.75)))
+    if not pelvis.any():  # a sinus one column wide across the hilum's direction: no medial third to take
+        pelvis = sinus & (toward >= toward[sinus].max())
     calyces = sinus & (np.abs(_smooth_noise(rng, sub.shape, 6)) < u(0.08, 0.2))
     system = pelvis | calyces
     hu[system] = u(*urine_hu) * (1 + 0.1 * _smooth_noise(rng, sub.shape, 4)[system])

@@ -14,6 +14,7 @@ from atlas_phantom import (
     PHASE_PROBABILITIES,
     PROBABILITIES,
     LesionShape,
+    _paint_kidney,
     atlas_paths,
     load_atlas,
     load_source,
@@ -21,7 +22,7 @@ from atlas_phantom import (
     make_atlas_phantom,
     map_kind,
 )
-from phantom import PHASES, make_phantom
+from phantom import PHASES, Canvas, Grid, make_phantom
 from utils import UserError
 
 OFF = {name: 0.0 for name in PROBABILITIES}
@@ -272,3 +273,19 @@ def test_jejunum_enhances_like_the_spleen_and_stays_background(atlases):
     liver_x = np.argwhere(label == 1)[:, 0].mean()
     spleen_x = np.argwhere(label == 4)[:, 0].mean()
     assert abs(np.argwhere(loops)[:, 0].mean() - spleen_x) < abs(np.argwhere(loops)[:, 0].mean() - liver_x)
+
+
+def test_a_renal_sinus_one_column_wide_still_gets_a_pelvis():
+    # a 10 mm-wide kidney: its sinus can be one column of voxels, all at the same distance toward the hilum
+    hu_of = {k: float(np.mean(v)) for k, v in PHASES["excretory"].items()}
+    exits = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        grid = Grid((15, 15, 40), (2.0, 2.0, 2.0), (-14.0, -14.0, -40.0))
+        organs = np.zeros(grid.shape, np.uint8)
+        organs[5:10, 5:10, 5:35] = 2
+        exit_mm, system = _paint_kidney(Canvas(grid, rng), organs, 2, rng, hu_of, (300, 2500), 0.0, -200.0)
+        if exit_mm is not None:
+            exits += 1
+            assert system.any() and not system[organs == 0].any()
+    assert exits >= 2
