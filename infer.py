@@ -399,30 +399,17 @@ def read_reference(path: Path, label_map: str, shape: tuple[int, ...], affine: n
 # Segmentation
 
 
-def other_running_threads(proc: Path = Path("/proc")) -> int:
-    """Threads of other processes that are running or runnable right now (state R in
-    /proc/PID/task/TID/stat); 0 where there is no /proc. This process's own threads are left out:
-    torch's OpenMP workers spin for a while after each parallel region, and would count as busy."""
-    me, running = str(os.getpid()), 0
+def free_cores(cpus: int, loadavg: str) -> int:
+    """How many of `cpus` cores no other process is running on now, at least 1. loadavg is
+    /proc/loadavg's text; its fourth field counts the tasks runnable at this instant (this one among
+    them), unlike the 1-minute average, which still holds the processes that just ended. Why: two
+    OpenMP threads on two cores beside one busy process wait at every barrier for whichever thread
+    is descheduled (bench/RESULTS.md, "Inference speed"), where one thread keeps a core to itself."""
     try:
-        pids = [p for p in os.listdir(proc) if p.isdigit() and p != me]
-    except OSError:
-        return 0
-    for pid in pids:
-        try:
-            for tid in os.listdir(proc / pid / "task"):
-                stat = (proc / pid / "task" / tid / "stat").read_text()
-                running += stat[stat.rindex(")") + 2] == "R"
-        except (OSError, ValueError, IndexError):  # the process ended while being read
-            continue
-    return running
-
-
-def free_cores(cpus: int, others: int) -> int:
-    """How many of `cpus` cores no other process is running on now, at least 1. Why: two OpenMP
-    threads on two cores beside one busy process wait at every barrier for whichever thread is
-    descheduled (bench/RESULTS.md, "Inference speed"), where one thread keeps a core to itself."""
-    return max(1, min(cpus, cpus - others))
+        running = int(loadavg.split()[3].split("/")[0])
+    except (IndexError, ValueError):
+        return max(1, cpus)
+    return max(1, min(cpus, cpus - (running - 1)))
 
 
 def parse_window(text: str) -> tuple[int, int, int] | None:
@@ -825,7 +812,8 @@ def main(args: argparse.Namespace) -> dict:
     configure_torch(device, autotune=single)
     if not args.threads:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        args.threads = max(1, free_cores(cpus, other_running_threads()) // d.local_world)
+        loadavg = Path("/proc/loadavg").read_text() if Path("/proc/loadavg").exists() else ""
+        args.threads = max(1, free_cores(cpus, loadavg) // d.local_world)
     torch.set_num_threads(args.threads)
     seg = Segmenter(resolve_checkpoint(args.checkpoint), device,
                     parse_window(args.window), args.overlap, args.sw_batch,

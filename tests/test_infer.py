@@ -1,7 +1,6 @@
 """infer.py and the inference helpers of utils.py: MONAI-equivalent sliding window, exact return to
 the input grid, post-processing, mirroring TTA, the CLI's outputs and its errors."""
 
-import os
 import subprocess
 import sys
 
@@ -528,18 +527,9 @@ def test_real_scan_output_on_its_grid(image, label, label_map, tmp_path):
 
 
 def test_default_threads_leave_busy_cores_to_their_processes():
-    assert infer.free_cores(2, 0) == 2  # only this process runs
-    assert infer.free_cores(2, 1) == 1  # one busy process beside it
-    assert infer.free_cores(2, 6) == 1  # never fewer than one
-    assert infer.free_cores(16, 3) == 13
-
-
-def test_running_threads_of_other_processes_are_counted(tmp_path):
-    for pid, states in (("101", "RS"), ("102", "SR"), ("103", "D"), (str(os.getpid()), "RR")):
-        for i, state in enumerate(states):
-            task = tmp_path / pid / "task" / f"{pid}{i}"
-            task.mkdir(parents=True)
-            (task / "stat").write_text(f"{pid} (a (b) c) {state} 1 2 3")
-    (tmp_path / "loadavg").write_text("0.1 0.1 0.1 1/2 3")
-    assert infer.other_running_threads(tmp_path) == 2  # this process's own threads left out
-    assert infer.other_running_threads(tmp_path / "absent") == 0
+    free_cores = infer.free_cores
+    assert free_cores(2, "0.50 0.40 0.30 1/93 27440") == 2  # only this process runs
+    assert free_cores(2, "1.90 1.50 1.20 2/93 27440") == 1  # one busy process beside it
+    assert free_cores(2, "6.00 5.00 4.00 7/120 27440") == 1  # never fewer than one
+    assert free_cores(16, "3.00 2.00 1.00 4/300 27440") == 13
+    assert free_cores(4, "") == 4  # no /proc/loadavg: every core
