@@ -166,8 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-png", dest="png", action="store_false", help="skip the quick-look PNG (default: written)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA (default: on)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (default 0: the cores that other running processes leave free, at least 1)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the failure summary")
     return p.parse_args(argv)
 
@@ -397,19 +396,6 @@ def read_reference(path: Path, label_map: str, shape: tuple[int, ...], affine: n
 
 # ---------------------------------------------------------------------------------------------
 # Segmentation
-
-
-def free_cores(cpus: int, loadavg: str) -> int:
-    """How many of `cpus` cores no other process is running on now, at least 1. loadavg is
-    /proc/loadavg's text; its fourth field counts the tasks runnable at this instant (this one among
-    them), unlike the 1-minute average, which still holds the processes that just ended. Why: two
-    OpenMP threads on two cores beside one busy process wait at every barrier for whichever thread
-    is descheduled (bench/RESULTS.md, "Inference speed"), where one thread keeps a core to itself."""
-    try:
-        running = int(loadavg.split()[3].split("/")[0])
-    except (IndexError, ValueError):
-        return max(1, cpus)
-    return max(1, min(cpus, cpus - (running - 1)))
 
 
 def parse_window(text: str) -> tuple[int, int, int] | None:
@@ -810,11 +796,7 @@ def main(args: argparse.Namespace) -> dict:
     device = d.device
     # A folder's scans give windows of many shapes: cuDNN would time its algorithms anew for each.
     configure_torch(device, autotune=single)
-    if not args.threads:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        loadavg = Path("/proc/loadavg").read_text() if Path("/proc/loadavg").exists() else ""
-        args.threads = max(1, free_cores(cpus, loadavg) // d.local_world)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // d.local_world))
     seg = Segmenter(resolve_checkpoint(args.checkpoint), device,
                     parse_window(args.window), args.overlap, args.sw_batch,
                     args.tta_axes if args.tta else None, args.amp)

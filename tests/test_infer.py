@@ -524,12 +524,3 @@ def test_real_scan_output_on_its_grid(image, label, label_map, tmp_path):
     ref = infer.read_reference(REAL / label, label_map, nib.load(str(REAL / image)).shape, affine)
     scores = organ_metrics(ref, ref, spacing_of(affine))
     assert all(s["dice"] == 1.0 and s["hd95_mm"] == 0.0 for s in scores.values())
-
-
-def test_default_threads_leave_busy_cores_to_their_processes():
-    free_cores = infer.free_cores
-    assert free_cores(2, "0.50 0.40 0.30 1/93 27440") == 2  # only this process runs
-    assert free_cores(2, "1.90 1.50 1.20 2/93 27440") == 1  # one busy process beside it
-    assert free_cores(2, "6.00 5.00 4.00 7/120 27440") == 1  # never fewer than one
-    assert free_cores(16, "3.00 2.00 1.00 4/300 27440") == 13
-    assert free_cores(4, "") == 4  # no /proc/loadavg: every core
