@@ -811,12 +811,12 @@ def _paint_colon(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity
 
 def _paint_jejunum(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, wall_hu: float
                    ) -> np.ndarray:
-    """Jejunal loops (background) in the left upper abdomen, from the spleen's hilum down past the
-    left kidney, never over organs and inside `cavity` (the caller leaves out the perirenal fat):
-    15-30 mm loops whose 2-4 mm wall enhances with the phase (wall_hu, BOWEL_WALL), each loop
-    collapsed (all wall, feathery mucosa), fluid-filled (0-30 HU) or with oral contrast (150-350 HU).
-    On a portal-venous CT such loops lie against the spleen's tip and the left kidney's fat at
-    the spleen's HU. Returns the painted mask (X, Y, Z) bool."""
+    """Jejunal loops (background) in the left upper abdomen, from about the spleen's middle down
+    60-120 mm past its tip, in front of the kidneys, never over organs and inside `cavity` (the
+    caller leaves out the perirenal fat): 15-30 mm loops whose 2-4 mm wall enhances with the phase
+    (wall_hu, BOWEL_WALL), each loop collapsed (all wall, feathery mucosa), fluid-filled (0-30 HU)
+    or with oral contrast (150-350 HU). On a portal-venous CT such loops lie against the spleen's
+    tip and the left kidney's fat at the spleen's HU. Returns the painted mask (X, Y, Z) bool."""
     u = rng.uniform
     painted = np.zeros(c.grid.shape, bool)
     liver, spleen = np.argwhere(organs == 1), np.argwhere(organs == 3)
@@ -882,7 +882,7 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     prob overrides entries of PROBABILITIES (1.0 forces a phenomenon on, 0.0 off); phase forces a
     contrast phase of PHASE_PROBABILITIES. A dict given as info receives what was painted: the phase,
     the phenomena drawn, the painted HU before scanner blur and noise ("painted", X, Y, Z float32)
-    and each phenomenon's mask (X, Y, Z bool), the perirenal fat, diaphragm and colon among them.
+    and each phenomenon's mask (X, Y, Z bool), the perirenal fat, jejunum, diaphragm and colon among them.
     """
     if not atlases:
         raise UserError(f"no atlas label maps given; pass folders of {MAPS_HELP} to --atlas")
@@ -1031,13 +1031,14 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
             level = np.quantile(ys, u(0.5, 0.9))
             hu[lumen & (c.y[None, :, None] > level)] = -1000 + u(0, 100)
     wall_hu = _tissue(rng, BOWEL_WALL[phase]) + u(-15, 15)
+    peritoneal = cavity & ~found["perirenal"]  # where bowel may lie: never inside the kidneys' fat capsule
     found["jejunum"] = np.zeros(grid.shape, bool)
     if on["jejunum"]:
-        found["jejunum"] = _paint_jejunum(c, rng, organs, cavity & ~found["perirenal"], wall_hu)
+        found["jejunum"] = _paint_jejunum(c, rng, organs, peritoneal, wall_hu)
     found["diaphragm"] = _paint_diaphragm(c, rng, organs, cavity, hu_of["muscle"])
     found["colon"] = np.zeros(grid.shape, bool)
     if rng.random() < 0.9:
-        found["colon"] = _paint_colon(c, rng, organs, cavity & ~found["perirenal"], a, b, z_crest, wall_hu)
+        found["colon"] = _paint_colon(c, rng, organs, peritoneal, a, b, z_crest, wall_hu)
     c.label = TO_OURS[organs]
 
     _paint_ribs(c, rng, rho, a, fat, wall, bottom, atlas.z_left_kidney * scale[2])

@@ -270,20 +270,19 @@ def test_jejunum_enhances_like_the_spleen_and_stays_background(atlases):
     lo, hi = BOWEL_WALL["portal"]
     wall = loops & ~ndimage.binary_erosion(loops)
     assert lo - 15 <= np.median(info["painted"][wall]) <= hi + 15  # the spleen's portal-phase range
-    liver_x = np.argwhere(label == 1)[:, 0].mean()
-    spleen_x = np.argwhere(label == 4)[:, 0].mean()
-    assert abs(np.argwhere(loops)[:, 0].mean() - spleen_x) < abs(np.argwhere(loops)[:, 0].mean() - liver_x)
+    loops_x, liver_x, spleen_x = (np.argwhere(m)[:, 0].mean() for m in (loops, label == 1, label == 4))
+    assert abs(loops_x - spleen_x) < abs(loops_x - liver_x)
 
 
 def test_a_renal_sinus_one_column_wide_still_gets_a_pelvis():
     # a 10 mm-wide kidney: its sinus can be one column of voxels, all at the same distance toward the hilum
     hu_of = {k: float(np.mean(v)) for k, v in PHASES["excretory"].items()}
+    grid = Grid((15, 15, 40), (2.0, 2.0, 2.0), (-14.0, -14.0, -40.0))
+    organs = np.zeros(grid.shape, np.uint8)
+    organs[5:10, 5:10, 5:35] = 2
     exits = 0
     for seed in range(20):
         rng = np.random.default_rng(seed)
-        grid = Grid((15, 15, 40), (2.0, 2.0, 2.0), (-14.0, -14.0, -40.0))
-        organs = np.zeros(grid.shape, np.uint8)
-        organs[5:10, 5:10, 5:35] = 2
         exit_mm, system = _paint_kidney(Canvas(grid, rng), organs, 2, rng, hu_of, (300, 2500), 0.0, -200.0)
         if exit_mm is not None:
             exits += 1
