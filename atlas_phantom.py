@@ -478,6 +478,27 @@ def _mass_site(c: Canvas, rng: np.random.Generator, organs: np.ndarray, site: st
     return p + normal * radius * u(0.6, 1.0)
 
 
+# The organs a mass at each site must touch (share of its outer surface >= MASS_TOUCH).
+MASS_ANCHORS = {"hepatic": (1,), "renal": (2, 13), "splenic": (3,)}
+MASS_TOUCH = 0.03
+# At most this share of a mass's outer surface on any one target organ: a cyst wrapped in liver looks
+# like a liver lesion, which is labelled liver, so an engulfed mass labelled background would teach
+# two labels for one picture.
+MASS_ENGULF = 0.5
+
+
+def _pressed_not_engulfed(organs: np.ndarray, mask: np.ndarray, anchors: tuple[int, ...]) -> bool:
+    """Whether a mass (bool, grid) touches one of anchors (organ-map values; any when empty) and lies
+    mostly outside each target organ: no target organ holds more than MASS_ENGULF of its outer shell."""
+    box = _bbox(mask, pad=2)
+    sub = mask[box]
+    shell = ndimage.binary_dilation(sub) & ~sub
+    around = organs[box][shell]
+    share = {v: float((around == v).mean()) for v in (1, 2, 13, 3)}
+    touching = not anchors or any(share[v] >= MASS_TOUCH for v in anchors)
+    return touching and max(share.values()) <= MASS_ENGULF
+
+
 def _paint_mass(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, phase: str,
                 site: str | None = None) -> np.ndarray:
     """One cyst or mass outside the organs (2-15 cm across, background), pressed against them: the
@@ -489,9 +510,10 @@ def _paint_mass(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity:
     before = {v: int((organs == v).sum()) for v in (1, 2, 3, 13)}
     saved = organs.copy()
     sites = [site] if site else rng.choice(list(MASS_SITES), 3, replace=False, p=list(MASS_SITES.values()))
-    for attempt in sites:  # up to three: a map may lack the site's organ
+    tries = [str(s) for s in sites for _ in range(3)]  # three places per site; a map may lack the site's organ
+    for attempt in tries:
         radius = float(np.exp(u(np.log(10), np.log(75))))  # 2-15 cm across, small ones commoner
-        center = _mass_site(c, rng, organs, str(attempt), radius)
+        center = _mass_site(c, rng, organs, attempt, radius)
         if center is None:
             continue
         _push(c, organs, center, radius, radius * u(0.2, 0.5))
@@ -500,8 +522,9 @@ def _paint_mass(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity:
             box, r = blob
             mask[box] = (r < 1) & cavity[box]
             organs[mask] = MASS
-            if mask.any() and all((organs == v).sum() >= 0.5 * n for v, n in before.items()):
-                break  # no target organ swallowed
+            if (mask.any() and all((organs == v).sum() >= 0.5 * n for v, n in before.items())
+                    and _pressed_not_engulfed(organs, mask, MASS_ANCHORS.get(attempt, ()))):
+                break
         organs[:] = saved
         mask[:] = False
     if not mask.any():

@@ -11,10 +11,13 @@ from scipy import ndimage
 import train
 from atlas_phantom import (
     BOWEL_WALL,
+    MASS,
     PHASE_PROBABILITIES,
     PROBABILITIES,
     LesionShape,
     _paint_kidney,
+    _paint_mass,
+    _pressed_not_engulfed,
     atlas_paths,
     load_atlas,
     load_source,
@@ -155,6 +158,43 @@ def test_mass_outside_organs_is_background_and_pressed_against_them(atlases):
     changed = plain != _phantom(atlases, seed=2, mass=1.0)[1]
     near = ndimage.distance_transform_edt(~_phantom(atlases, seed=2, mass=1.0)[2]["mass"]) * 4.0 < 200
     assert (changed <= near).all()  # organs are pushed near the mass only
+
+
+def test_a_mass_wrapped_in_an_organ_or_apart_from_its_anchor_is_refused():
+    x, y, z = np.meshgrid(*[np.arange(40)] * 3, indexing="ij")
+    ball = lambda cz: (x - 20) ** 2 + (y - 20) ** 2 + (z - cz) ** 2 < 36  # noqa: E731
+    liver = np.zeros((40, 40, 40), np.uint8)
+    liver[5:35, 5:35, 15:35] = 1
+    inside, under, apart = liver.copy(), liver.copy(), liver.copy()
+    inside[ball(25)] = MASS
+    under[ball(9)] = MASS
+    apart[ball(6)] = MASS
+    apart[:, :, 13:16] = 0
+    assert not _pressed_not_engulfed(inside, ball(25), (1,))
+    assert _pressed_not_engulfed(under, ball(9), (1,))
+    assert not _pressed_not_engulfed(apart, ball(6), (1,)) and _pressed_not_engulfed(apart, ball(6), ())
+
+
+def test_a_mass_under_a_cupped_liver_touches_it_but_is_never_wrapped_in_it():
+    # a liver whose underside is a cup: a mass sat in it would be wrapped in liver, like a liver lesion
+    grid = Grid((50, 50, 50), (2.0, 2.0, 2.0), (-50.0, -50.0, -50.0))
+    x, y, z = np.meshgrid(*[np.arange(50)] * 3, indexing="ij")
+    organs = np.zeros(grid.shape, np.uint8)
+    organs[5:45, 5:45, 20:45] = 1
+    organs[(x - 25) ** 2 + (y - 25) ** 2 + (z - 20) ** 2 < 12 ** 2] = 0
+    placed = 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        work = organs.copy()
+        mass = _paint_mass(Canvas(grid, rng), rng, work, np.ones(grid.shape, bool), "portal", site="hepatic")
+        if not mass.any():
+            continue
+        placed += 1
+        shell = _dilate(mass) & ~mass
+        liver_share = (work[shell] == 1).mean()
+        assert 0.03 <= liver_share <= 0.5
+        assert (work[mass] == MASS).all() and (work == 1).sum() >= 0.5 * (organs == 1).sum()
+    assert placed >= 4
 
 
 def test_real_renal_lesion_shapes_straddle_the_kidney(atlases, folders):
