@@ -58,4 +58,5 @@ def test_bench_pathology_scores_each_checkpoint_on_the_same_held_out_phantoms(tm
     a, b = report["rows"]
     assert a["dice"] == b["dice"] and all(0 <= v <= 1 for v in a["dice"].values())
     assert a["structure_kind"] == "mass" and len(a["structure"]) == 1 and 0 <= a["structure"][0] <= 100
+    assert report["min_ml"] == 20 and report["organs_skipped_as_slivers"] >= 0
     assert (tmp_path / "pathology.json").is_file() and "mass painted as organ" in (tmp_path / "pathology.md").read_text()
