@@ -566,6 +566,7 @@ class Segmenter:
         timer.lap("resample")
         if postprocess:
             keep_largest_components(labels)
+            fill_enclosed_holes(labels)
             timer.lap("postprocess")
         return labels
 
@@ -628,6 +629,29 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
                          for c in largest]
                 largest = [largest[int(np.argmin(first))]]
             region[mask & (components != largest[0])] = 0
+    return labels
+
+
+def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
+    """In place: background voxels enclosed in 3D by one organ (a cavity not open to the outside
+    through 6-connected non-organ voxels) become that organ. FLARE22, LiTS and IRCAD label a cyst or
+    tumour inside an organ as the organ; a lesion the network leaves out is such a cavity. Works
+    inside each organ's bounding box; a cavity reaching the box's faces is open."""
+    transposed = labels.flags.f_contiguous and not labels.flags.c_contiguous
+    view = labels.T if transposed else labels
+    for value, box in enumerate(ndimage.find_objects(view, max_label=NUM_CLASSES - 1), start=1):
+        if box is None:
+            continue
+        region = view[box]
+        components, n = ndimage.label(region != value)
+        if n < 2:
+            continue
+        faces = [components[(slice(None),) * axis + (end,)] for axis in range(3) for end in (0, -1)]
+        open_ = np.zeros(n + 1, dtype=bool)
+        for face in faces:
+            open_[face.ravel()] = True
+        open_[0] = True
+        region[~open_[components] & (region == 0)] = value
     return labels
 
 

@@ -156,6 +156,21 @@ def test_keep_largest_components():
     assert (out == 2).sum() == (lab == 2).sum()
 
 
+def test_fill_enclosed_holes_fills_cavities_only():
+    lab = np.zeros((30, 30, 30), np.uint8)
+    lab[2:14, 2:14, 2:14] = 1
+    lab[5:9, 5:9, 5:9] = 0  # a lesion left out, enclosed: liver
+    lab[10:12, 10:12, 10:12] = 2  # something else inside: kept
+    lab[2:5, 2:4, 2:4] = 0  # a notch open to the outside: kept
+    lab[16:26, 16:26, 16:26] = 4
+    lab[20:22, 20:22, 16:26] = 0  # a tunnel through the spleen (a vessel): kept
+    out = infer.fill_enclosed_holes(lab.copy())
+    assert (out[5:9, 5:9, 5:9] == 1).all() and (out[10:12, 10:12, 10:12] == 2).all()
+    changed = out != lab
+    assert changed.sum() == 4 ** 3
+    assert np.array_equal(infer.fill_enclosed_holes(np.asfortranarray(lab)), out)
+
+
 def test_keep_largest_components_same_in_either_memory_order():
     """A Fortran-order map (labelled through its transpose) keeps the same components as the same
     map in C order, equal sizes included (the first in X, Y, Z order wins)."""
