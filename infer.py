@@ -41,7 +41,9 @@ training patch enlarged to 160 voxels a side, for speed: fewer voxels computed t
 --sw-batch; out of GPU memory, fewer windows per call, then the sums kept on the CPU, with a
 warning), softmax probabilities resampled to the input grid and argmaxed slab by slab
 (memory bounded for any scan size), then the largest connected component of each organ
-(26-connectivity; --no-postprocess to keep all). --tta adds mirrored predictions over the axes the
+(26-connectivity) with the cavities it encloses filled (a lesion inside an organ is the organ, as
+FLARE22, LiTS and IRCAD label it); --no-postprocess keeps the network's argmax as it is.
+--tta adds mirrored predictions over the axes the
 checkpoint was trained mirroring (or --tta-axes), the kidney channels swapped back for left-right
 mirrors; a checkpoint trained without mirroring (the shipped one) refuses --tta alone. Mixed
 precision on CUDA.
@@ -162,7 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "1 anterior-posterior, 2 inferior-superior); all their combinations are run (default: the "
                    "axes the checkpoint was trained mirroring)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
-                   help="keep every connected component (default: largest per organ)")
+                   help="keep every connected component and cavity (default: largest component per organ, "
+                   "enclosed cavities filled)")
     p.add_argument("--no-png", dest="png", action="store_false", help="skip the quick-look PNG (default: written)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA (default: on)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")

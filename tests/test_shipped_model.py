@@ -15,8 +15,8 @@ from utils import LABELS
 SHIPPED = ROOT / "checkpoints" / "phantom_small.pt"
 # The shipped ensemble's Dice (bench/RESULTS.md, "The shipped model on real CT") less 0.03, rounded
 # down: a floor against regressions, not the target (issue 21's goals are higher and not met).
-FLOOR_IRCAD = {"liver": 0.88, "right_kidney": 0.85, "left_kidney": 0.82, "spleen": 0.87}
-FLOOR_TS = {"liver": 0.86, "right_kidney": 0.83, "left_kidney": 0.83, "spleen": 0.91}
+FLOOR_IRCAD = {"liver": 0.88, "right_kidney": 0.86, "left_kidney": 0.81, "spleen": 0.78}
+FLOOR_TS = {"liver": 0.83, "right_kidney": 0.84, "left_kidney": 0.80, "spleen": 0.91}
 
 
 def segment_with_shipped(image, label, tmp_path, label_map="identity") -> dict:
