@@ -78,6 +78,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -609,17 +610,21 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def keep_largest_components(labels: np.ndarray) -> np.ndarray:
-    """In place: each organ keeps only its largest 26-connected component; the rest becomes
-    background. Works inside each organ's bounding box, so it costs the organs' size. A
-    Fortran-order map (NIfTI's) is labelled through its C-order transpose, 3x faster in scipy."""
-    structure = ndimage.generate_binary_structure(3, 3)
+def _organ_regions(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray, bool]]:
+    """(value, a writable view of its bounding box, whether the view is transposed) for each organ in
+    the map. A Fortran-order map (NIfTI's) is worked through its C-order transpose, 3x faster in scipy."""
     transposed = labels.flags.f_contiguous and not labels.flags.c_contiguous
     view = labels.T if transposed else labels
     for value, box in enumerate(ndimage.find_objects(view, max_label=NUM_CLASSES - 1), start=1):
-        if box is None:
-            continue
-        region = view[box]
+        if box is not None:
+            yield value, view[box], transposed
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """In place: each organ keeps only its largest 26-connected component; the rest becomes
+    background. Works inside each organ's bounding box, so it costs the organs' size."""
+    structure = ndimage.generate_binary_structure(3, 3)
+    for value, region, transposed in _organ_regions(labels):
         mask = region == value
         components, n = ndimage.label(mask, structure)
         if n > 1:
@@ -640,12 +645,7 @@ def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
     through 6-connected non-organ voxels) become that organ. FLARE22, LiTS and IRCAD label a cyst or
     tumour inside an organ as the organ; a lesion the network leaves out is such a cavity. Works
     inside each organ's bounding box; a cavity reaching the box's faces is open."""
-    transposed = labels.flags.f_contiguous and not labels.flags.c_contiguous
-    view = labels.T if transposed else labels
-    for value, box in enumerate(ndimage.find_objects(view, max_label=NUM_CLASSES - 1), start=1):
-        if box is None:
-            continue
-        region = view[box]
+    for value, region, _ in _organ_regions(labels):
         components, n = ndimage.label(region != value)
         if n < 2:
             continue
