@@ -42,11 +42,10 @@ training patch enlarged to 160 voxels a side, for speed: fewer voxels computed t
 warning), softmax probabilities resampled to the input grid and argmaxed slab by slab
 (memory bounded for any scan size), then the largest connected component of each organ
 (26-connectivity) with the cavities it encloses filled (a lesion inside an organ is the organ, as
-FLARE22, LiTS and IRCAD label it); --no-postprocess keeps the network's argmax as it is.
---tta adds mirrored predictions over the axes the
-checkpoint was trained mirroring (or --tta-axes), the kidney channels swapped back for left-right
-mirrors; a checkpoint trained without mirroring (the shipped one) refuses --tta alone. Mixed
-precision on CUDA.
+FLARE22, LiTS and IRCAD label it); --no-postprocess keeps the network's argmax as it is. --tta
+adds mirrored predictions over the axes the checkpoint was trained mirroring (or --tta-axes), the
+kidney channels swapped back for left-right mirrors; a checkpoint trained without mirroring (the
+shipped one) refuses --tta alone. Mixed precision on CUDA.
 
 Warnings: a scan too short head to feet to hold the organs (under 100 mm), an organ cut at its
 top or bottom edge, or an uncut organ implausibly small (a 2 mL "spleen") is named in one line
@@ -649,11 +648,10 @@ def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
         components, n = ndimage.label(region != value)
         if n < 2:
             continue
-        faces = [components[(slice(None),) * axis + (end,)] for axis in range(3) for end in (0, -1)]
         open_ = np.zeros(n + 1, dtype=bool)
-        for face in faces:
-            open_[face.ravel()] = True
-        open_[0] = True
+        open_[0] = True  # the organ itself
+        for axis in range(3):
+            open_[np.take(components, [0, -1], axis=axis)] = True
         region[~open_[components] & (region == 0)] = value
     return labels
 

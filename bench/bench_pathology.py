@@ -77,7 +77,7 @@ def structure_score(kind: str | None, pred: np.ndarray, label: np.ndarray, info:
 def main(args: argparse.Namespace) -> dict:
     from atlas_phantom import PROBABILITIES, load_sources, make_atlas_phantom
     from infer import Segmenter
-    from utils import ORGANS, dice_per_organ
+    from utils import ORGANS, dice_per_organ, label_counts
 
     checkpoints = [c for c in args.checkpoints.split(",") if c]
     atlases, _ = load_sources(args.atlas)
@@ -97,8 +97,8 @@ def main(args: argparse.Namespace) -> dict:
                                                    prob=prob, phase=phase, info=info)
             # an organ the phantom lacks (a missing kidney), or a sliver of one at the grid's edge, is not scored:
             # the Dice of 15 mL of liver says nothing about the phenomenon
-            volume_ml = {organ: float((label == k).sum()) * args.spacing ** 3 / 1000
-                         for k, organ in enumerate(ORGANS, start=1)}
+            counts = label_counts(label)
+            volume_ml = {organ: float(counts[k]) * args.spacing ** 3 / 1000 for k, organ in enumerate(ORGANS, start=1)}
             present = {organ for organ, ml in volume_ml.items() if ml >= args.min_ml}
             skipped += sum(0 < ml < args.min_ml for ml in volume_ml.values())
             for c, seg in segmenters.items():

@@ -176,7 +176,7 @@ def test_a_mass_wrapped_in_an_organ_or_apart_from_its_anchor_is_refused():
 
 
 def test_a_mass_under_a_cupped_liver_touches_it_but_is_never_wrapped_in_it():
-    # a liver whose underside is a cup: a mass sat in it would be wrapped in liver, like a liver lesion
+    # a liver whose underside is a cup, the hepatic site: every mass placed touches the liver and is not wrapped in it
     grid = Grid((50, 50, 50), (2.0, 2.0, 2.0), (-50.0, -50.0, -50.0))
     x, y, z = np.meshgrid(*[np.arange(50)] * 3, indexing="ij")
     organs = np.zeros(grid.shape, np.uint8)
