@@ -179,3 +179,40 @@ def test_weight_average_is_bias_corrected():
         average.update(model)
         seen.append(average.model.bias.item())
     assert seen == pytest.approx([1.0, 2.5 / 1.5, 8.5 / 3.5])
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_flat_adamw_steps_channels_last_weights_as_adamw_does(amsgrad):
+    """FlatAdamW walks channels-last tensors in their stored order: the same update as AdamW's, every
+    weight landing on itself; a gradient stored in another layout than its weight is stepped as is."""
+    from vnet import build_vnet
+
+    torch.manual_seed(0)
+    ref = build_vnet("small")
+    flat = build_vnet("small").to(memory_format=torch.channels_last_3d)
+    flat.load_state_dict(ref.state_dict())
+    opts = [torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, fused=True),
+            train.FlatAdamW(flat.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, fused=True)]
+    mixed = next(p for p in flat.parameters() if p.dim() == 5 and p.shape[1] > 1)
+    for step in range(3):
+        grads = [torch.randn_like(p, memory_format=torch.contiguous_format) for p in ref.parameters()]
+        for p, g in zip(ref.parameters(), grads):
+            p.grad = g.clone()
+        for p, g in zip(flat.parameters(), grads):
+            # each gradient in its weight's layout, but one left contiguous on the second step
+            p.grad = g.clone() if (p is mixed and step == 1) else torch.empty_like(p).copy_(g)
+        for opt in opts:
+            opt.step()
+    assert mixed.is_contiguous(memory_format=torch.channels_last_3d) and not mixed.is_contiguous()
+    for (name, a), b in zip(ref.named_parameters(), flat.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_training_layout_is_channels_last_in_bf16_only_on_a_cpu():
+    from vnet import build_vnet
+
+    cpu = torch.device("cpu")
+    weight = lambda m: next(p for p in m.parameters() if p.dim() == 5 and p.shape[1] > 1)  # noqa: E731
+    assert weight(train.to_training_layout(build_vnet("small"), cpu, None)).is_contiguous()
+    bf16 = weight(train.to_training_layout(build_vnet("small"), cpu, torch.bfloat16))
+    assert bf16.is_contiguous(memory_format=torch.channels_last_3d) and not bf16.is_contiguous()
