@@ -71,17 +71,10 @@ every process exits with 1 when any scan failed.
 
 from __future__ import annotations
 
-import os
-
-# Threads that reach an OpenMP barrier early sleep instead of spinning. Beside another busy process,
-# spinning threads hold the cores the working ones wait for: beside a busy loop it took 0.07-0.11 off
-# bench_infer's end-to-end ratio, quiet within 0.02 (bench/RESULTS.md, "Inference speed"). OpenMP reads this once,
-# when torch loads it, hence before the imports; a value already exported wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
