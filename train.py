@@ -680,43 +680,14 @@ def loader_workers(workers: int, d: distributed.Dist) -> int:
     return max(1, min(workers, (os.cpu_count() or 1) // d.local_world - 1))
 
 
-def to_training_layout(model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None
-                       ) -> torch.nn.Module:
-    """model on device, channels-last 3D weights on CUDA and in bf16 on a CPU. Activations run
-    channels-last everywhere (the input is converted at every step): cuDNN's and oneDNN's fast 3D
-    convolutions use that layout. cuDNN wants the weights so too, and so does oneDNN in bf16 (a
-    VNet's forward + backward about 8 % faster); in float32 on a CPU, channels-last weights make
-    oneDNN copy every weight gradient back into that layout, a tenth of a VNet step (bench/RESULTS.md,
-    "Training speed"). With AdamW, FlatAdamW keeps its fused kernel at full speed over them."""
+def to_training_layout(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """model on device, channels-last 3D weights on CUDA. Activations run channels-last everywhere
+    (the input is converted at every step): cuDNN's and oneDNN's fast 3D convolutions use that
+    layout. cuDNN wants the weights so too; on a CPU, channels-last weights make oneDNN copy every
+    weight gradient back into that layout: a tenth of a VNet step, and the fused optimiser twice as
+    slow (bench/RESULTS.md, "Tried, not kept")."""
     model = model.to(device)
-    if device.type == "cuda" or amp_dtype == torch.bfloat16:
-        model = model.to(memory_format=torch.channels_last_3d)
-    return model
-
-
-class FlatAdamW(torch.optim.AdamW):
-    """torch's AdamW that hands its kernels each channels-last parameter, gradient and moment as the
-    flat run of memory it is. The CPU's fused kernel takes twice as long over tensors that are not
-    contiguous in the default layout (113 against 53 ms a step for the `vnet` preset's 45.6 M
-    parameters, one thread); the update is elementwise, so walking the same memory in its stored
-    order gives the same result when all four share one layout. The moments are made like the
-    parameter (and load_optimizer_state puts loaded ones so); a gradient in another layout is
-    copied into the parameter's first: the fused kernels walk memory as it lies, and torch's AdamW
-    would land such an update on the wrong weights."""
-
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
-        has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                          state_steps)
-        moments = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs else [])
-        for i, p in enumerate(params):
-            if p.dim() != 5 or p.is_contiguous() or not p.is_contiguous(memory_format=torch.channels_last_3d):
-                continue
-            if grads[i].stride() != p.stride():
-                grads[i] = torch.empty_like(p, dtype=grads[i].dtype).copy_(grads[i])
-            if all(m[i].stride() == p.stride() for m in moments):
-                for lst in [params, grads, *moments]:
-                    lst[i] = lst[i].permute(0, 2, 3, 4, 1).view(-1)
-        return has_complex
+    return model.to(memory_format=torch.channels_last_3d) if device.type == "cuda" else model
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
@@ -862,8 +833,7 @@ def main(args: argparse.Namespace) -> dict:
     # Model, loss, optimiser, schedule
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone, not on what ran before
     model = model_from_checkpoint(source, resume or cfg.init) if source is not None else build_vnet(cfg.preset)
-    amp_dtype = mixed_precision_dtype(device, training=True) if cfg.amp else None
-    model = to_training_layout(model.train(), device, amp_dtype)
+    model = to_training_layout(model.train(), device)
     net = model
     if d.enabled:
         net = wrap_ddp(model, device)
@@ -872,7 +842,7 @@ def main(args: argparse.Namespace) -> dict:
     loss_fn = DiceCELoss()
     # Fused optimisers (CPU and CUDA since torch 2.4): one kernel over all parameters, 2x faster on a CPU.
     if cfg.optimizer == "adamw":
-        opt = FlatAdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay,
                               fused=True)
@@ -882,6 +852,7 @@ def main(args: argparse.Namespace) -> dict:
     if ema is not None and state is not None:
         model.load_state_dict(state["train_weights"])
     kept = ema.model if ema is not None else model  # the weights validation scores and checkpoints hold
+    amp_dtype = mixed_precision_dtype(device, training=True) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     history: list[dict] = []

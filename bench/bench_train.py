@@ -6,10 +6,9 @@ MONAI's DiceCELoss, in one process, and whether the patch loader keeps up.
     python bench/bench_train.py --device cuda --dtypes bf16 --compile
 
 A step is what train.py does: forward (autocast for bf16), loss on float32 logits, backward,
-optimiser step. Ours: build_vnet("vnet") with train.py's memory layout for the precision
-(train.to_training_layout: channels-last activations, channels-last weights on CUDA and in bf16 on a
-CPU; in float32 on a CPU vnet.Conv3d's weight gradient for small feature maps), losses.DiceCELoss,
-fused AdamW (train.FlatAdamW) and gradient clipping; the models are built afresh for each precision. MONAI:
+optimiser step. Ours: build_vnet("vnet") with train.py's memory layout (train.to_training_layout:
+channels-last activations, channels-last weights on CUDA only; on a CPU vnet.Conv3d's weight gradient
+for small feature maps), losses.DiceCELoss, fused AdamW and gradient clipping. MONAI:
 monai.networks.nets.VNet(out_channels=5) with its default dropout, monai.losses.DiceCELoss(
 to_onehot_y=True, softmax=True) and torch's default AdamW, channels-last model and input (PyTorch's
 recipe) or torch's default layout (monai-contiguous). Our preset with activation="elu" has exactly MONAI's 45.6 M
@@ -107,16 +106,16 @@ class Contender:
     flops: float = 0.0
 
 
-def build(name: str, device: torch.device, compile_: bool, amp: torch.dtype | None) -> Contender:
+def build(name: str, device: torch.device, compile_: bool) -> Contender:
     torch.manual_seed(0)
     if name.startswith("ours"):
         from losses import DiceCELoss
-        from train import FlatAdamW, to_training_layout
+        from train import to_training_layout
         from vnet import build_vnet
 
-        model = to_training_layout(build_vnet("vnet", activation=name.removeprefix("ours-")), device, amp)
+        model = to_training_layout(build_vnet("vnet", activation=name.removeprefix("ours-")), device)
         loss, clip, label_channel = DiceCELoss(), True, False
-        opt = FlatAdamW(model.parameters(), lr=2e-3, weight_decay=1e-4, fused=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4, fused=True)
     else:
         from monai.losses import DiceCELoss
         from monai.networks.nets import VNet
@@ -247,19 +246,18 @@ def main(args: argparse.Namespace) -> dict:
           f"steps per model, the models taking turns step by step{'; compiled' if args.compile else ''}")
     print(f"machine: {describe_machine(prov)}")
 
+    contenders = [build(name, device, args.compile) for name in names]
     probe = torch.zeros(shape, device=device)
+    for c in contenders:
+        c.model.eval()
+        c.flops = count_conv_flops(c.model, probe)
+        c.model.train()
     results: dict = {"bench": "bench_train", **prov, "device": str(device), "device_name": machine, "patch": patch,
-                     "batch": args.batch_size, "steps": steps, "warmup": warmup, "compile": args.compile, "timings": {}}
+                     "batch": args.batch_size, "steps": steps, "warmup": warmup, "compile": args.compile,
+                     "params": {c.name: c.params for c in contenders},
+                     "train_gflop_per_step": {c.name: round(c.flops / 1e9, 1) for c in contenders}, "timings": {}}
     for dtype in dtypes:
         amp = {"fp32": None, "bf16": torch.bfloat16}[dtype]
-        # Built per precision: ours takes train.py's layout for it (channels-last weights in bf16 on a CPU).
-        contenders = [build(name, device, args.compile, amp) for name in names]
-        for c in contenders:
-            c.model.eval()
-            c.flops = count_conv_flops(c.model, probe)
-            c.model.train()
-        results["params"] = {c.name: c.params for c in contenders}
-        results["train_gflop_per_step"] = {c.name: round(c.flops / 1e9, 1) for c in contenders}
         res = time_models(contenders, shape, amp, device, steps, warmup)
         results["timings"][dtype] = res
         print(f"\n{dtype}:")

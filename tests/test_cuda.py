@@ -296,7 +296,7 @@ def test_train_step_in_mixed_precision_on_cuda():
     device = torch.device("cuda")
     dtype = mixed_precision_dtype(device)
     torch.manual_seed(0)
-    model = train.to_training_layout(build_vnet("small"), device, dtype)
+    model = train.to_training_layout(build_vnet("small"), device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     image = torch.randn(2, 1, 32, 32, 32, device=device).contiguous(memory_format=torch.channels_last_3d)
