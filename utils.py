@@ -126,8 +126,11 @@ def no_huge_page_stalls() -> None:
     reading and preprocessing a 512x512x700 scan make several such arrays."""
     try:
         from numpy._core.multiarray import _set_madvise_hugepage
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _set_madvise_hugepage
+    except ImportError:
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage  # numpy 1.x
+        except ImportError:  # a numpy without the switch has nothing to turn off
+            return
     _set_madvise_hugepage(False)
 
 
@@ -341,8 +344,8 @@ def load_nifti(path: str | Path, what: str = "image") -> tuple[np.ndarray, np.nd
 def _inflate_voxels(path: Path, img) -> np.ndarray | None:
     """The voxels (X, Y, Z) of an unscaled .nii.gz of that shape (trailing axes of size 1 dropped) in
     their stored dtype and Fortran order, as nibabel gives them, or None for any other file
-    (nibabel reads those). Inflated with ISA-L
-    (isal) straight into the array: about 3x Python's zlib, the largest step of reading a CT."""
+    (nibabel reads those). Inflated with ISA-L (isal) straight into the array: about 3x Python's
+    zlib, the largest step of reading a CT."""
     try:
         from isal import igzip
     except ImportError:  # requirements.txt installs it; without it nibabel's zlib reads the same voxels
