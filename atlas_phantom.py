@@ -58,9 +58,7 @@ REQUIRED = (1, 2, 3, 5, 13)  # the four targets, and the aorta that places the s
 ATLAS_SPACING = 2.0  # mm: maps are kept at this isotropic grid (a 512x512x100 map is ~5 MB there)
 # Per-case probability of each phenomenon in an atlas phantom (docs/phantom.md, "Frequencies").
 PROBABILITIES = {
-    # inside the organ, its label; often, since fluid inside an organ looks like the gallbladder, bowel and
-    # cysts outside it, which are background
-    "liver_lesions": 0.6, "kidney_lesions": 0.4, "spleen_lesions": 0.3,
+    "liver_lesions": 0.4, "kidney_lesions": 0.25, "spleen_lesions": 0.1,  # inside the organ, its label
     "renal_mass": 0.3,  # a real KiTS23 tumour or cyst shape on a kidney (only with KiTS23 maps in --atlas)
     "mass": 0.35,  # a mass or cyst outside the organs, pressed against them (background)
     "ascites": 0.1, "fatty_liver": 0.15, "hepatomegaly": 0.1, "splenomegaly": 0.1,
