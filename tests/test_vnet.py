@@ -152,3 +152,19 @@ def test_every_stage_runs_in_the_autocast_dtype(preset):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(1, 1, 16, 16, 16))
     assert len(dtypes) == 10 and set(dtypes.values()) == {torch.bfloat16}, dtypes
+
+
+@pytest.mark.parametrize("depths", [None, {"down_depths": (0, 1, 1), "up_depths": (1, 0, 1, 1)}])
+def test_inference_sums_in_place_to_the_same_values(depths):
+    """Under no-grad the residual stages add into the convolutions' output; the logits are bit for bit those
+    of the graph-building forward, and a stage with no convolutions leaves its input untouched."""
+    torch.manual_seed(0)
+    model = build_vnet("small", **(depths or {})).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    kept = x.clone()
+    with torch.enable_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        got = model(x)
+    assert torch.equal(got, expected.detach())
+    assert torch.equal(x, kept)
