@@ -48,6 +48,7 @@ from utils import UserError
 FLARE = {1: "liver", 2: "right_kidney", 3: "spleen", 4: "pancreas", 5: "aorta", 6: "ivc", 7: "right_adrenal",
          8: "left_adrenal", 9: "gallbladder", 10: "esophagus", 11: "stomach", 12: "duodenum", 13: "left_kidney"}
 MASS = 20  # an extra-organ mass or cyst painted into the organ map: labelled background
+MASS_FAT = 21  # the fat plane that parts such a mass from the organs it presses on: labelled background
 TO_OURS = np.zeros(256, dtype=np.uint8)
 TO_OURS[[1, 2, 13, 3]] = [1, 2, 3, 4]
 # BTCV's 8-organ remap (1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder, 5 liver, 6 stomach,
@@ -61,6 +62,7 @@ PROBABILITIES = {
     "liver_lesions": 0.4, "kidney_lesions": 0.25, "spleen_lesions": 0.1,  # inside the organ, its label
     "renal_mass": 0.3,  # a real KiTS23 tumour or cyst shape on a kidney (only with KiTS23 maps in --atlas)
     "mass": 0.35,  # a mass or cyst outside the organs, pressed against them (background)
+    "mass_margin": 0.5,  # given a mass: its wall and a fat plane between it and the organs (background)
     "ascites": 0.1, "fatty_liver": 0.15, "hepatomegaly": 0.1, "splenomegaly": 0.1,
     "atrophic_kidney": 0.05, "missing_kidney": 0.04,
     "metal": 0.1, "low_dose": 0.15,
@@ -71,6 +73,9 @@ PROBABILITIES = {
 # left kidney), so HU alone cannot tell the two apart there.
 BOWEL_WALL = {"native": (30, 50), "arterial": (60, 130), "portal": (80, 150), "nephrographic": (80, 140),
               "excretory": (60, 110)}
+# Drawn from a stream of their own after the others, so that a phantom without them is the same
+# phantom as before they existed (bench_pathology's held-out rows among them).
+LATE_DRAWS = ("mass_margin",)
 PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
 MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
              "KiTS23 maps (case_XXXXX.nii.gz)")
@@ -500,11 +505,13 @@ def _pressed_not_engulfed(organs: np.ndarray, mask: np.ndarray, anchors: tuple[i
 
 
 def _paint_mass(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray, phase: str,
-                site: str | None = None) -> np.ndarray:
+                site: str | None = None, margin: np.random.Generator | None = None) -> np.ndarray:
     """One cyst or mass outside the organs (2-15 cm across, background), pressed against them: the
     organs around are pushed aside and indented. Fluid (0-20 HU), proteinaceous (20-45), solid
     (30-55 HU plus 0-80 of enhancement) or rim-enhancing around a necrotic centre. Marked MASS in
-    organs; returns its mask (grid shape, bool), empty when it found no place."""
+    organs; returns its mask (grid shape, bool), empty when it found no place. With margin (a
+    generator of its own), the margins that tell such a mass from a lesion inside the organ are
+    drawn too (_paint_mass_margin)."""
     u = rng.uniform
     mask = np.zeros(organs.shape, dtype=bool)
     before = {v: int((organs == v).sum()) for v in (1, 2, 3, 13)}
@@ -544,7 +551,29 @@ def _paint_mass(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity:
         hu[sub] = solid + 8 * _smooth_noise(rng, sub.shape, 5)[sub]
         if kind >= 0.75:  # rim-enhancing: a 2-8 mm wall around fluid or necrosis
             hu[sub & (_depth(sub, c.grid.spacing) > u(2, 8))] = u(5, 30)
+    if margin is not None:
+        _paint_mass_margin(c, margin, organs, cavity, mask, fluid=kind < 0.45, enhance=enhance)
     return mask
+
+
+def _paint_mass_margin(c: Canvas, rng: np.random.Generator, organs: np.ndarray, cavity: np.ndarray,
+                       mask: np.ndarray, fluid: bool, enhance: float) -> None:
+    """What parts a mass from the organs it presses on, and a lesion inside an organ has not: a
+    fluid mass's own wall (1-3 mm, 25-50 HU plus half the phase's enhancement) and a fat plane
+    (1-4 mm, -110 to -60 HU) around it, carved out of the background and the four organs beside it
+    (a preserved fat plane is the radiologist's sign that a mass does not arise from the organ).
+    The plane is marked MASS_FAT in organs (labelled background, kept off by later painters). Each
+    layer is at least one voxel thick, however coarse the grid."""
+    u = rng.uniform
+    voxel = min(c.grid.spacing)
+    box = _bbox(mask, pad=int(np.ceil(4 / voxel)) + 1)
+    sub, hu, region = mask[box], c.hu[box], organs[box]
+    if fluid:
+        hu[sub & (_depth(sub, c.grid.spacing) <= max(u(1, 3), voxel))] = u(25, 50) + 0.5 * enhance
+    near = _depth(sub, c.grid.spacing, outside=True, reach_mm=4.0) <= max(u(1, 4), voxel)
+    plane = near & ~sub & cavity[box] & np.isin(region, (0, 1, 2, 13, 3))
+    region[plane] = MASS_FAT
+    hu[plane] = u(-110, -60)
 
 
 def _paste_renal_lesion(c: Canvas, rng: np.random.Generator, organs: np.ndarray, shape: LesionShape, phase: str,
@@ -912,7 +941,9 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     rng = np.random.default_rng(seed)
     u = rng.uniform
     p = {**PROBABILITIES, **(prob or {})}
-    on = {name: bool(rng.random() < p[name]) for name in PROBABILITIES}  # every draw made, forced or not
+    on = {name: bool(rng.random() < p[name]) for name in PROBABILITIES if name not in LATE_DRAWS}  # forced or not
+    late = np.random.default_rng([seed, 1])
+    on |= {name: bool(late.random() < p[name]) for name in LATE_DRAWS}
     atlas = atlases[int(rng.integers(len(atlases)))]
     drawn = str(rng.choice(list(PHASE_PROBABILITIES), p=list(PHASE_PROBABILITIES.values())))
     phase = phase or drawn
@@ -999,7 +1030,10 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
         _rescale_organ(c, organs, v, u(0.55, 0.8), _world(c, np.argwhere(organs == v)).mean(0), free)
     # Masses and cysts outside the organs, pressed against them (background), and real renal
     # tumours and cysts (KiTS23) on a kidney. Their HU is painted now: later painters keep off MASS.
-    found["mass"] = _paint_mass(c, rng, organs, cavity, phase) if on["mass"] else np.zeros(grid.shape, bool)
+    found["mass"] = np.zeros(grid.shape, bool)
+    if on["mass"]:
+        found["mass"] = _paint_mass(c, rng, organs, cavity, phase, margin=late if on["mass_margin"] else None)
+    found["mass_fat"] = organs == MASS_FAT
     found["renal_mass"] = np.zeros(grid.shape, bool)
     if on["renal_mass"] and lesions:
         shape = lesions[int(rng.integers(len(lesions)))]

@@ -328,3 +328,22 @@ def test_a_renal_sinus_one_column_wide_still_gets_a_pelvis():
             exits += 1
             assert system.any() and not system[organs == 0].any()
     assert exits >= 2
+
+
+def test_mass_margin_is_a_wall_and_a_fat_plane_labelled_background(atlases):
+    for seed in (2, 3):
+        _, plain, _ = _phantom(atlases, seed=seed, mass=1.0)
+        hu, label, info = _phantom(atlases, seed=seed, mass=1.0, mass_margin=1.0)
+        fat, mass = info["mass_fat"], info["mass"]
+        assert fat.any() and not (fat & mass).any()
+        assert not (fat & ~_dilate(mass)).any()  # one 4 mm voxel thick, next to the mass
+        assert not label[fat].any() and not label[mass].any()
+        assert -110 <= info["painted"][fat].min() and info["painted"][fat].max() <= -60
+        assert np.array_equal(label[~fat], plain[~fat])  # the organs beside it keep their labels
+
+
+def test_the_margin_draw_moves_no_other_draw(atlases):
+    # with no mass, the margin's own draw changes nothing: phantoms without it are the phantoms drawn before it
+    a = _phantom(atlases, seed=4, liver_lesions=1.0)
+    b = _phantom(atlases, seed=4, liver_lesions=1.0, mass_margin=1.0)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
