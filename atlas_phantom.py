@@ -76,6 +76,7 @@ BOWEL_WALL = {"native": (30, 50), "arterial": (60, 130), "portal": (80, 150), "n
 # Drawn from a stream of their own after the others, so that a phantom without them is the same
 # phantom as before they existed (bench_pathology's held-out rows among them).
 LATE_DRAWS = ("mass_margin",)
+LATE_STREAM = 2  # their stream: default_rng([seed, LATE_STREAM]); [seed, 1] is phantom_volume's slice profile
 PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
 MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
              "KiTS23 maps (case_XXXXX.nii.gz)")
@@ -942,7 +943,7 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     u = rng.uniform
     p = {**PROBABILITIES, **(prob or {})}
     on = {name: bool(rng.random() < p[name]) for name in PROBABILITIES if name not in LATE_DRAWS}  # forced or not
-    late = np.random.default_rng([seed, 1])
+    late = np.random.default_rng([seed, LATE_STREAM])
     on |= {name: bool(late.random() < p[name]) for name in LATE_DRAWS}
     atlas = atlases[int(rng.integers(len(atlases)))]
     drawn = str(rng.choice(list(PHASE_PROBABILITIES), p=list(PHASE_PROBABILITIES.values())))

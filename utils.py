@@ -636,9 +636,12 @@ def probs_to_input_grid(probs: torch.Tensor, info: GridInfo, slab: int = 16) -> 
         if len(todo):
             a = planes.index_select(1, lo[s:e]).float()
             block = a.add_(planes.index_select(1, hi[s:e]).float().sub_(a).mul_(w[s:e].view(1, -1, 1, 1)))
-            block = F.interpolate(block, size=tuple(out_shape[:2]), mode="bilinear", align_corners=False)
-            labels = labels.clone()
-            labels[:, todo] = _argmax_classes(block.flatten(2).index_select(2, todo))[0]
+            block = F.interpolate(block, size=tuple(out_shape[:2]), mode="bilinear", align_corners=False).flatten(2)
+            if 4 * len(todo) > block.shape[2]:  # much of the slab unsettled: gathering its scores first costs more
+                labels = torch.where(settled.flatten() < 0, _argmax_classes(block)[0], labels)
+            else:
+                labels = labels.clone()
+                labels[:, todo] = _argmax_classes(block.index_select(2, todo))[0]
         canonical[:, :, s:e] = labels.view(e - s, *out_shape[:2]).permute(1, 2, 0).cpu().numpy()
     return out
 

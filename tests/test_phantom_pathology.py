@@ -347,3 +347,14 @@ def test_the_margin_draw_moves_no_other_draw(atlases):
     a = _phantom(atlases, seed=4, liver_lesions=1.0)
     b = _phantom(atlases, seed=4, liver_lesions=1.0, mass_margin=1.0)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_margins_are_drawn_apart_from_the_slice_profile():
+    # phantom_volume draws the slice profile from default_rng([seed, 1]); margins drawn from that stream would
+    # come only with thin slices
+    from atlas_phantom import LATE_STREAM
+
+    seeds = range(400)
+    thin = np.array([np.random.default_rng([s, 1]).uniform(0.5, 5.0) < 2.75 for s in seeds])
+    margin = np.array([np.random.default_rng([s, LATE_STREAM]).random() < PROBABILITIES["mass_margin"] for s in seeds])
+    assert 0.3 < (margin & ~thin).sum() / (~thin).sum() < 0.7
