@@ -557,3 +557,22 @@ def test_real_scan_output_on_its_grid(image, label, label_map, tmp_path):
     ref = infer.read_reference(REAL / label, label_map, nib.load(str(REAL / image)).shape, affine)
     scores = organ_metrics(ref, ref, spacing_of(affine))
     assert all(s["dice"] == 1.0 and s["hd95_mm"] == 0.0 for s in scores.values())
+
+
+def test_fill_sectional_holes_fills_lesions_open_through_a_gap_only():
+    lab = np.zeros((30, 30, 30), np.uint8)
+    lab[2:20, 2:20, 2:20] = 1
+    lab[8:14, 8:14, 8:14] = 0  # a lesion left out...
+    lab[2:8, 10, 10] = 0  # ...joined to the outside by a one-voxel gap: no 3D cavity
+    lab[14:20, 4, 2:20] = 0  # a vessel through the liver, head to feet: a hole in one plane only
+    lab[2:5, 15:18, 15:18] = 0  # a notch open to the outside
+    lab[22:28, 22:28, 22:28] = 2
+    lab[24:26, 24:26, 24:26] = 0  # a right kidney's sinus: kidneys are left as they are
+    lab[24, 25, 22:24] = 0
+    assert np.array_equal(infer.fill_enclosed_holes(lab.copy()), lab)
+    out = infer.fill_sectional_holes(lab.copy())
+    lesion = np.zeros(lab.shape, bool)
+    lesion[8:14, 8:14, 8:14] = True
+    assert (out[lesion] == 1).mean() > 0.9
+    assert (out[~lesion] == lab[~lesion]).all()  # vessel, notch, gap and kidney untouched
+    assert np.array_equal(infer.fill_sectional_holes(np.asfortranarray(lab)), out)
