@@ -650,12 +650,19 @@ def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
         components, n = ndimage.label(region != value)
         if n < 2:
             continue
-        open_ = np.zeros(n + 1, dtype=bool)
-        open_[0] = True  # the organ itself
-        for axis in range(3):
-            open_[np.take(components, [0, -1], axis=axis)] = True
+        open_ = _open_components(components, n, (0, 1, 2))
         region[~open_[components] & (region == 0)] = value
     return labels
+
+
+def _open_components(components: np.ndarray, n: int, axes: tuple[int, ...]) -> np.ndarray:
+    """(n + 1,) bool: which of n labelled components (ndimage.label of an organ's box, 0 the organ)
+    reach the box's first or last plane along any of axes, the organ counting as reaching them."""
+    open_ = np.zeros(n + 1, dtype=bool)
+    open_[0] = True
+    for axis in axes:
+        open_[np.take(components, [0, -1], axis=axis)] = True
+    return open_
 
 
 # Organs whose sectional holes are filled (fill_sectional_holes): liver and spleen. Not the kidneys:
@@ -682,11 +689,7 @@ def fill_sectional_holes(labels: np.ndarray, values: tuple[int, ...] = SECTIONAL
             in_plane = ndimage.generate_binary_structure(3, 1)
             in_plane[(slice(None),) * axis + ([0, 2],)] = False  # no step across planes normal to axis
             components, n = ndimage.label(~organ, in_plane)
-            open_ = np.zeros(n + 1, dtype=bool)
-            open_[0] = True  # the organ itself
-            for other in range(3):
-                if other != axis:
-                    open_[np.take(components, [0, -1], axis=other)] = True
+            open_ = _open_components(components, n, tuple(a for a in range(3) if a != axis))
             enclosed += ~open_[components]
         region[(enclosed >= planes) & (region == 0)] = value
     return labels
