@@ -246,8 +246,12 @@ class InputStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
         # Under autocast the convolution gives bf16/fp16 while x stays float32: adding x as it is
-        # would promote the whole full-resolution stage, and the skip it feeds, to float32.
-        return self.act(y + x.repeat(1, self.repeat, 1, 1, 1).to(y.dtype))
+        # would promote the whole full-resolution stage, and the skip it feeds, to float32. A
+        # one-channel input broadcasts across the channels: the paper's repeated input, without the copy.
+        x = (x if x.shape[1] == 1 else x.repeat(1, self.repeat, 1, 1, 1)).to(y.dtype)
+        if torch.is_grad_enabled():
+            return self.act(y + x)
+        return self.act(y.add_(x))
 
 
 class DownStage(nn.Module):

@@ -168,3 +168,18 @@ def test_inference_sums_in_place_to_the_same_values(depths):
         got = model(x)
     assert torch.equal(got, expected.detach())
     assert torch.equal(x, kept)
+
+
+@pytest.mark.parametrize("in_channels", [1, 2])
+def test_input_stage_adds_the_input_repeated_across_its_channels(in_channels):
+    """The paper's input stage: its convolution plus the input repeated to base_width channels (a one-channel
+    input broadcast, without the copy), in training and in inference alike."""
+    torch.manual_seed(0)
+    stage = build_vnet("small", in_channels=in_channels).input.eval()
+    x = torch.randn(1, in_channels, 8, 8, 8)
+    with torch.no_grad():
+        expected = torch.nn.functional.elu(stage.conv(x) + x.repeat(1, 8 // in_channels, 1, 1, 1))
+    with torch.enable_grad():
+        assert torch.equal(stage(x), expected)
+    with torch.inference_mode():
+        assert torch.equal(stage(x), expected)
