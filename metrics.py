@@ -41,6 +41,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
@@ -278,14 +279,33 @@ def _mean_median(values: np.ndarray) -> tuple[float, float]:
     lo = int(values.min())
     shifted = values.astype(np.intp)
     shifted -= lo
-    counts = np.bincount(shifted)
-    n = int(values.size)
+    return _histogram_mean_median(np.bincount(shifted), lo)
+
+
+def _histogram_mean_median(counts: np.ndarray, lo: int) -> tuple[float, float]:
+    """Mean and median of the integer HU whose counts are `counts` (counts[i]: voxels at lo + i HU; not all 0)."""
+    n = int(counts.sum())
     levels = np.arange(lo, lo + len(counts), dtype=np.int64)
     mean = float((counts * levels).sum() / n)
     rank = np.cumsum(counts)
     low = int(levels[np.searchsorted(rank, (n - 1) // 2, side="right")])
     high = int(levels[np.searchsorted(rank, n // 2, side="right")])
     return mean, (low + high) / 2
+
+
+def _scan_histograms(labels: np.ndarray, hu: np.ndarray, organs: int, chunk: int = 1 << 23) -> tuple[np.ndarray, int]:
+    """Per label 0..organs, the histogram of integer HU (organs + 1, hi - lo + 1) int64 and lo, in one pass over
+    the scan (labels and hu of one shape and memory order), chunk voxels at a time (bounded memory)."""
+    lo, hi = int(hu.min()), int(hu.max())
+    levels = hi - lo + 1
+    flat_labels = torch.from_numpy(np.ravel(labels, order="K"))
+    flat_hu = torch.from_numpy(np.ravel(hu, order="K"))
+    counts = torch.zeros((organs + 1) * levels, dtype=torch.int64)
+    for s in range(0, flat_labels.numel(), chunk):
+        index = flat_labels[s:s + chunk].to(torch.int32).mul_(levels)
+        index += flat_hu[s:s + chunk].to(torch.int32) - lo
+        counts += torch.bincount(index, minlength=counts.numel())
+    return counts.view(organs + 1, levels).numpy(), lo
 
 
 def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> dict[str, dict]:
@@ -297,6 +317,15 @@ def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> 
     voxel_ml = voxel_volume_ml(affine)
     boxes = find_boxes(labels, len(ORGANS))
     fortran = all(a.flags.f_contiguous and not a.flags.c_contiguous for a in (labels, hu))
+    histograms = None
+    boxed = sum(math.prod(s.stop - s.start for s in box) for box in boxes if box is not None)
+    same_order = fortran or (labels.flags.c_contiguous and hu.flags.c_contiguous)
+    if (hu.dtype in (np.int8, np.uint8, np.int16, np.int32) and labels.dtype == np.uint8 and same_order
+            and boxed > labels.size / 2 and labels.max() <= len(ORGANS)
+            and (int(hu.max()) - int(hu.min()) + 1) * (len(ORGANS) + 1) <= 1 << 24):
+        # Organs whose boxes cover much of the scan (an untrained model's mask): one histogram pass over the scan
+        # costs less than gathering each box's voxels (0.11 against 0.7 s on 512x512x129), with the same figures.
+        histograms, lo = _scan_histograms(labels, hu, len(ORGANS))
     stats = {}
     for value, organ in enumerate(ORGANS, start=1):
         box = boxes[value - 1]
@@ -304,15 +333,20 @@ def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> 
             stats[organ] = {"voxels": 0, "volume_ml": 0.0, "mean_hu": None, "median_hu": None, "bbox_min_mm": None,
                             "bbox_max_mm": None}
             continue
-        # NIfTI maps are Fortran-ordered: boolean indexing walks C order, so it goes through the transposes
-        # (the values' order does not matter here), 15x faster on a 512x512x129 scan.
-        values = hu.T[box[::-1]][labels.T[box[::-1]] == value] if fortran else hu[box][labels[box] == value]
-        mean_hu, median_hu = _mean_median(values)
+        if histograms is not None:
+            voxels = int(histograms[value].sum())
+            mean_hu, median_hu = _histogram_mean_median(histograms[value], lo)
+        else:
+            # NIfTI maps are Fortran-ordered: boolean indexing walks C order, so it goes through the transposes
+            # (the values' order does not matter here), 15x faster on a 512x512x129 scan.
+            values = hu.T[box[::-1]][labels.T[box[::-1]] == value] if fortran else hu[box][labels[box] == value]
+            voxels = int(values.size)
+            mean_hu, median_hu = _mean_median(values)
         # The index box's eight corner voxel centres bound the organ's centres in the world, oblique grids included.
         ends = [(s.start, s.stop - 1) for s in box]
         corners = np.array(np.meshgrid(*ends, indexing="ij")).reshape(3, -1)
         world = affine[:3, :3] @ corners + affine[:3, 3:]
-        stats[organ] = {"voxels": int(values.size), "volume_ml": values.size * voxel_ml,
+        stats[organ] = {"voxels": voxels, "volume_ml": voxels * voxel_ml,
                         "mean_hu": mean_hu, "median_hu": median_hu,
                         "bbox_min_mm": world.min(1).tolist(), "bbox_max_mm": world.max(1).tolist()}
     return stats

@@ -10,7 +10,7 @@ import torch
 from conftest import REAL, needs_real
 from scipy import ndimage
 
-from metrics import hd95_nsd, organ_metrics, overlap_scores, surface, surface_distances, write_reports
+from metrics import hd95_nsd, organ_metrics, organ_statistics, overlap_scores, surface, surface_distances, write_reports
 from utils import ORGANS, load_nifti, spacing_of
 
 monai_metrics = pytest.importorskip("monai.metrics")
@@ -221,3 +221,25 @@ def test_reference_against_itself_is_perfect(case, label_map):
         assert scores[organ]["dice"] == 1.0 and scores[organ]["hd95_mm"] == 0.0 and scores[organ]["nsd"] == 1.0
         assert scores[organ]["precision"] == 1.0 and scores[organ]["recall"] == 1.0
         assert scores[organ]["ref_ml"] > 1.0, organ  # every organ is present in both references
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+@pytest.mark.parametrize("fill", ["boxes", "scan"])
+def test_organ_statistics_are_exact_whether_gathered_per_box_or_in_one_pass(order, fill):
+    """Voxels, mean and median HU per organ equal numpy's, both when the organs sit in small boxes (gathered per
+    box) and when their boxes cover the scan (one histogram pass over it, as an untrained model's mask does)."""
+    rng = np.random.default_rng(0)
+    hu = np.asarray(rng.integers(-1024, 1500, (40, 36, 30)), dtype=np.int16, order=order)
+    labels = np.zeros(hu.shape, np.uint8, order=order)
+    if fill == "scan":
+        labels[...] = rng.integers(0, 5, hu.shape)
+    else:
+        for value, corner in enumerate([(2, 2, 2), (20, 2, 2), (2, 20, 2), (20, 20, 15)], start=1):
+            labels[tuple(slice(c, c + 8 + value) for c in corner)] = value
+    stats = organ_statistics(labels, hu, np.diag([0.8, 0.8, 2.0, 1.0]))
+    for value, organ in enumerate(ORGANS, start=1):
+        values = hu[labels == value].astype(np.float64)
+        assert stats[organ]["voxels"] == values.size
+        assert stats[organ]["volume_ml"] == pytest.approx(values.size * 0.8 * 0.8 * 2.0 / 1000)
+        assert stats[organ]["mean_hu"] == pytest.approx(values.mean(), rel=1e-12)
+        assert stats[organ]["median_hu"] == float(np.median(values))
