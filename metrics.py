@@ -293,18 +293,23 @@ def _histogram_mean_median(counts: np.ndarray, lo: int) -> tuple[float, float]:
     return mean, (low + high) / 2
 
 
-def _scan_histograms(labels: np.ndarray, hu: np.ndarray, organs: int, chunk: int = 1 << 23) -> tuple[np.ndarray, int]:
+def _scan_histograms(labels: np.ndarray, hu: np.ndarray, organs: int, chunk: int = 1 << 23
+                     ) -> tuple[np.ndarray, int] | None:
     """Per label 0..organs, the histogram of integer HU (organs + 1, hi - lo + 1) int64 and lo, in one pass over
-    the scan (labels and hu of one shape and memory order), chunk voxels at a time (bounded memory)."""
+    the scan (labels uint8 and hu of one shape and memory order), chunk voxels at a time (bounded memory); labels
+    above organs are not counted. None where hu's range is too wide for the histograms (over 2**24 bins)."""
     lo, hi = int(hu.min()), int(hu.max())
     levels = hi - lo + 1
+    bins = (organs + 1) * levels
+    if bins > 1 << 24:
+        return None
     flat_labels = torch.from_numpy(np.ravel(labels, order="K"))
     flat_hu = torch.from_numpy(np.ravel(hu, order="K"))
-    counts = torch.zeros((organs + 1) * levels, dtype=torch.int64)
+    counts = torch.zeros(bins, dtype=torch.int64)
     for s in range(0, flat_labels.numel(), chunk):
         index = flat_labels[s:s + chunk].to(torch.int32).mul_(levels)
         index += flat_hu[s:s + chunk].to(torch.int32) - lo
-        counts += torch.bincount(index, minlength=counts.numel())
+        counts += torch.bincount(index, minlength=bins)[:bins]
     return counts.view(organs + 1, levels).numpy(), lo
 
 
@@ -320,12 +325,11 @@ def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> 
     histograms = None
     boxed = sum(math.prod(s.stop - s.start for s in box) for box in boxes if box is not None)
     same_order = fortran or (labels.flags.c_contiguous and hu.flags.c_contiguous)
-    if (hu.dtype in (np.int8, np.uint8, np.int16, np.int32) and labels.dtype == np.uint8 and same_order
-            and boxed > labels.size / 2 and labels.max() <= len(ORGANS)
-            and (int(hu.max()) - int(hu.min()) + 1) * (len(ORGANS) + 1) <= 1 << 24):
+    if (boxed > labels.size / 2 and same_order and labels.dtype == np.uint8
+            and hu.dtype in (np.int8, np.uint8, np.int16, np.int32)):
         # Organs whose boxes cover much of the scan (an untrained model's mask): one histogram pass over the scan
         # costs less than gathering each box's voxels (0.11 against 0.7 s on 512x512x129), with the same figures.
-        histograms, lo = _scan_histograms(labels, hu, len(ORGANS))
+        histograms = _scan_histograms(labels, hu, len(ORGANS))
     stats = {}
     for value, organ in enumerate(ORGANS, start=1):
         box = boxes[value - 1]
@@ -334,8 +338,9 @@ def organ_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> 
                             "bbox_max_mm": None}
             continue
         if histograms is not None:
-            voxels = int(histograms[value].sum())
-            mean_hu, median_hu = _histogram_mean_median(histograms[value], lo)
+            counts, lo = histograms[0][value], histograms[1]
+            voxels = int(counts.sum())
+            mean_hu, median_hu = _histogram_mean_median(counts, lo)
         else:
             # NIfTI maps are Fortran-ordered: boolean indexing walks C order, so it goes through the transposes
             # (the values' order does not matter here), 15x faster on a 512x512x129 scan.
