@@ -523,7 +523,7 @@ class Segmenter:
             if 0 in axes:  # mirrored left-right, the network's right kidney is the patient's left one
                 p = p[:, torch.as_tensor(LR_SWAP, dtype=torch.long, device=p.device)]
             probs += p
-        return probs / (1 + len(self.mirrors))
+        return probs.div_(1 + len(self.mirrors)) if self.mirrors else probs
 
     def window_for(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The window, shrunk along axes the volume is shorter than, to the smallest multiple of 16

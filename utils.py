@@ -736,7 +736,8 @@ def sliding_window_inference(
 
     inputs (1, C_in, X, Y, Z) -> (1, C_out, X, Y, Z) float32 on out_device (default: inputs').
     Axes shorter than roi_size are padded symmetrically with pad_value and cropped back after.
-    predictor maps (B, C_in, *roi_size) -> (B, C_out, *roi_size).
+    predictor maps (B, C_in, *roi_size) -> (B, C_out, *roi_size), a tensor that it hands over
+    (this function weights it in place).
     """
     if inputs.ndim != 5 or inputs.shape[0] != 1:
         raise ValueError(f"inputs must be (1, C, X, Y, Z); got {tuple(inputs.shape)}")
@@ -762,7 +763,9 @@ def sliding_window_inference(
         pred = predictor(windows)
         if pred.shape[0] != windows.shape[0] or tuple(pred.shape[2:]) != roi:
             raise ValueError(f"predictor returned {tuple(pred.shape)} for windows {tuple(windows.shape)}")
-        pred = (pred.float() * weight).to(out_device)
+        # Weighted in place: the predictor hands over its output (a new tensor per call: 74 MB a
+        # 160^3 window of 5 classes, one allocation and one pass fewer than a weighted copy).
+        pred = pred.float().mul_(weight).to(out_device)
         w = weight.to(out_device)
         if out is None:
             out = torch.zeros((pred.shape[1], *padded), dtype=torch.float32, device=out_device)

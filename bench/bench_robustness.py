@@ -12,6 +12,13 @@ Rows (each input built from the original NIfTI; the exact recipe is printed and 
   dome         the top 32 mm of the scan only (IRCAD: top 20 slices, the liver dome)
   kidneys_cut  the scan from its top down to halfway along the slices that hold both kidneys, cutting
                them at the lower edge
+  mass         a cystic mass pasted into the real scan under the liver, against the right kidney (the
+               failure reported on another patient's CT): an ellipsoid of 90 x 80 x 80 mm (left-right,
+               front-back, head-feet) centred 40 mm in front of the right kidney's centre, less the four
+               organs' reference voxels (it fills the space between them, pressed against them), fluid
+               of 10 HU with a 3 mm wall of 45 HU, plus Gaussian noise of 12 HU (default_rng(0), drawn
+               over the mass's bounding box),
+               labelled background; also scored: the share of the mass painted as an organ
 
 Each input is segmented with `python infer.py --input CT --output MASK --label REF --label-map MAP
 --checkpoint CKPT --no-png` (in-process) and scored by its metrics; the table gives Dice per organ,
@@ -38,11 +45,14 @@ CTS = {  # name: (image, reference, the reference's label map)
     "ircad_p1": ("ircad_p1/image.nii.gz", "ircad_p1/label.nii.gz", "identity"),
     "totalseg_example": ("totalseg_example/ct.nii.gz", "totalseg_example/segmentation.nii.gz", "totalseg"),
 }
-ROWS = ("original", "thick", "noise", "dome", "kidneys_cut")
+ROWS = ("original", "thick", "noise", "dome", "kidneys_cut", "mass")
 THICK_MM = 5.0
 NOISE_HU = 30.0
 NOISE_SEED = 0
 DOME_MM = 32.0
+MASS_RADII_MM = (45.0, 40.0, 40.0)  # left-right, front-back, head-feet: 9 x 8 x 8 cm, as in the reported case
+MASS_FORWARD_MM = 40.0  # its centre in front of the right kidney's centre: the hepatorenal space, under the liver
+MASS_HU, MASS_WALL_HU, MASS_WALL_MM, MASS_NOISE_HU = 10.0, 45.0, 3.0, 12.0
 ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
 
 
@@ -138,10 +148,57 @@ def build_input(row: str, hu: np.ndarray, label: np.ndarray, affine: np.ndarray,
                   f"down to slice {cut}, halfway along the slices holding both kidneys (reference: right kidney "
                   f"{spans[0].min()}-{spans[0].max()}, left {spans[1].min()}-{spans[1].max()}); affine origin moved to "
                   f"slice {first}")
+    elif row == "mass":
+        hu, recipe = paste_mass(hu, label, affine, label_map)
+        return hu, label, affine, recipe
     else:
         raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
     index = np.arange(first, first + keep)
     return take(hu, axis, index), take(label, axis, index), moved_affine(affine, axis, first), recipe
+
+
+def mass_mask(label: np.ndarray, affine: np.ndarray, label_map: str = "identity") -> np.ndarray:
+    """(X, Y, Z) bool: the mass row's cyst (MASS_RADII_MM ellipsoid, MASS_FORWARD_MM in front of the
+    right kidney's centre, in the scan's RAS world) less the four organs of the reference."""
+    from dataset import remap_labels
+
+    ours = remap_labels(np.asarray(label), label_map, "reference")
+    kidney = np.argwhere(ours == 2)
+    centre = affine[:3, :3] @ kidney.mean(0) + affine[:3, 3] + np.array([0.0, MASS_FORWARD_MM, 0.0])
+    # The ellipsoid's box in voxels, then world coordinates of those voxels only.
+    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * MASS_RADII_MM + centre
+    inv = np.linalg.inv(affine)
+    vox = corners @ inv[:3, :3].T + inv[:3, 3]
+    lo = np.clip(np.floor(vox.min(0)).astype(int), 0, np.array(label.shape) - 1)
+    hi = np.clip(np.ceil(vox.max(0)).astype(int) + 1, 1, np.array(label.shape))
+    idx = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    world = idx @ affine[:3, :3].T + affine[:3, 3]
+    inside = (((world - centre) / np.array(MASS_RADII_MM)) ** 2).sum(-1) <= 1
+    mask = np.zeros(label.shape, dtype=bool)
+    mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = inside
+    return mask & (ours == 0)
+
+
+def paste_mass(hu: np.ndarray, label: np.ndarray, affine: np.ndarray, label_map: str = "identity"
+               ) -> tuple[np.ndarray, str]:
+    """The mass row's scan: hu (same dtype) with the cyst of mass_mask painted in, and its recipe."""
+    from scipy import ndimage
+
+    from utils import spacing_of
+
+    mask = mass_mask(label, affine, label_map)
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in ndimage.find_objects(mask.astype(np.uint8))[0])
+    depth = ndimage.distance_transform_edt(np.pad(mask[box], 1), sampling=spacing_of(affine))[1:-1, 1:-1, 1:-1]
+    painted = np.where(depth <= MASS_WALL_MM, MASS_WALL_HU, MASS_HU).astype(np.float32)
+    painted += np.random.default_rng(NOISE_SEED).normal(0.0, MASS_NOISE_HU, painted.shape).astype(np.float32)
+    out = np.array(hu, copy=True)
+    out[box][mask[box]] = np.round(painted[mask[box]]).astype(hu.dtype)
+    ml = mask.sum() * abs(float(np.linalg.det(affine[:3, :3]))) / 1000
+    recipe = (f"an ellipsoid of radii {MASS_RADII_MM} mm (RAS) centred {MASS_FORWARD_MM:g} mm in front of the reference "
+              f"right kidney's centre, less the reference organs ({ml:.0f} mL): {MASS_HU:g} HU, within "
+              f"{MASS_WALL_MM:g} mm of its surface {MASS_WALL_HU:g} HU, + default_rng({NOISE_SEED}).normal(0, "
+              f"{MASS_NOISE_HU:g}) over the mask's bounding box (1 voxel margin), rounded to {hu.dtype}; labelled background")
+    return out, recipe
 
 
 def run_row(ct: str, row: str, checkpoint: str | Path, folder: Path, real: str = str(REAL),
@@ -167,7 +224,12 @@ def run_row(ct: str, row: str, checkpoint: str | Path, folder: Path, real: str =
     (result,) = summary["cases"].values()
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000
     counts = np.bincount(remap_labels(np.asarray(label), label_map, ref).ravel(), minlength=5)
+    painted = None
+    if row == "mass":  # the share of the cyst the model calls an organ, %
+        cyst = mass_mask(label, affine, label_map)
+        painted = round(100.0 * float((np.asarray(nib.load(mask).dataobj)[cyst] > 0).mean()), 1)
     return {"ct": ct, "row": row, "recipe": recipe, "shape": list(hu.shape), "image": str(image), "mask": str(mask),
+            "mass_painted_percent": painted,
             "dice": {o: round(result["metrics"][o]["dice"], 3) for o in ORGANS},
             "ref_ml": {o: round(float(counts[i + 1]) * voxel_ml, 1) for i, o in enumerate(ORGANS)},
             "pred_ml": result["volumes_ml"], "warnings": result["warnings"]}
@@ -179,7 +241,9 @@ def markdown(rows: list[dict], checkpoint: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r['dice'][o]:.3f} ({r['ref_ml'][o]:.0f})" for o in ORGANS]
-        lines.append(f"| {r['ct']} | {r['row']} | {' | '.join(cells)} | {'; '.join(r['warnings']) or '-'} |")
+        row = r["row"] + (f" ({r['mass_painted_percent']:.1f} % of it painted as organ)"
+                          if r.get("mass_painted_percent") is not None else "")
+        lines.append(f"| {r['ct']} | {row} | {' | '.join(cells)} | {'; '.join(r['warnings']) or '-'} |")
     lines += ["", "Inputs:"] + [f"- {r['ct']} {r['row']}: {r['recipe']}" for r in rows if r["row"] != "original"]
     return "\n".join(lines) + "\n"
 

@@ -136,3 +136,26 @@ def test_shipped_model_on_a_cropped_real_ct_warns_or_segments_what_is_in_view(ct
     assert usable or r["warnings"], json.dumps(r)
     if name == "dome":
         assert r["warnings"][0].startswith("the scan spans only "), r["warnings"]
+
+
+@needs_real
+@pytest.mark.parametrize("ct", list(CTS))
+def test_mass_row_pastes_a_background_cyst_against_the_liver_and_right_kidney(ct):
+    """The mass row's input: a cyst of 100-400 mL in the hepatorenal space, against the liver and the
+    right kidney, fluid inside, the reference and every organ voxel unchanged."""
+    from scipy import ndimage
+
+    from bench.bench_robustness import build_input, load_ct, mass_mask
+    from dataset import remap_labels
+
+    hu, label, affine, label_map = load_ct(ct)
+    pasted, reference, same_affine, recipe = build_input("mass", hu, label, affine, label_map)
+    cyst = mass_mask(label, affine, label_map)
+    ours = remap_labels(np.asarray(label), label_map, "reference")
+    ml = cyst.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000
+    assert 100 <= ml <= 400 and str(round(ml)) in recipe
+    touching = np.unique(ours[ndimage.binary_dilation(cyst, iterations=2) & ~cyst])
+    assert {1, 2} <= set(touching.tolist())
+    assert reference is label and np.array_equal(same_affine, affine) and pasted.dtype == hu.dtype
+    assert np.array_equal(pasted[~cyst], np.asarray(hu)[~cyst])
+    assert -10 <= np.median(pasted[cyst]) <= 30
