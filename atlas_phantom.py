@@ -77,6 +77,23 @@ BOWEL_WALL = {"native": (30, 50), "arterial": (60, 130), "portal": (80, 150), "n
 # phantom as before they existed (bench_pathology's held-out rows among them).
 LATE_DRAWS = ("mass_margin",)
 LATE_STREAM = 2  # their stream: default_rng([seed, LATE_STREAM]); [seed, 1] is phantom_volume's slice profile
+def parse_probabilities(text: str) -> dict[str, float]:
+    """'NAME=P,NAME=P' (train.py --phantom-prob) -> {name: probability}, overrides of PROBABILITIES
+    ('' -> {}). A name outside PROBABILITIES or a P outside [0, 1] is a UserError naming the fix."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            p = float(value)
+        except ValueError:
+            p = -1.0
+        if name not in PROBABILITIES or not 0 <= p <= 1:
+            raise UserError(f"--phantom-prob {item!r}: give NAME=P with P from 0 to 1 and NAME one of "
+                            f"{', '.join(PROBABILITIES)}")
+        out[name] = p
+    return out
+
+
 PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
 MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
              "KiTS23 maps (case_XXXXX.nii.gz)")
@@ -1126,18 +1143,21 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     return _scan(c, rng, (0.5, 2.0), noise, (0.3, 1.5), slice_mm), c.label, grid.affine
 
 
-def phantom_volume(seed: int, kind: str, spacing: float, clip: tuple[float, float], atlas: str = ""):
+def phantom_volume(seed: int, kind: str, spacing: float, clip: tuple[float, float], atlas: str = "",
+                   prob: str = ""):
     """One phantom made directly on a training grid (isotropic spacing, mm, RAS), clipped to clip
     (HU) and cropped to the body, as a dataset.Volume: what train.py --stream trains on, with no
     files written. kind: "procedural" (make_phantom), "atlas" (make_atlas_phantom: organ shapes from the
-    label maps in the folders atlas, comma-separated) or "mixed" (even seeds procedural, odd ones atlas).
-    Each gets a slice profile of 0.5-5 mm, as the scans it stands for had before resampling."""
+    label maps in the folders atlas, comma-separated; prob: overrides of PROBABILITIES, 'NAME=P,...')
+    or "mixed" (even seeds procedural, odd ones atlas). Each gets a slice profile of 0.5-5 mm, as the
+    scans it stands for had before resampling."""
     from dataset import body_volume
 
     slice_mm = float(np.random.default_rng([seed, 1]).uniform(0.5, 5.0))
     if kind == "atlas" or (kind == "mixed" and seed % 2):
         atlases, lesions = load_sources(atlas)
-        hu, label, affine = make_atlas_phantom(seed, atlases, (spacing,) * 3, slice_mm, lesions)
+        hu, label, affine = make_atlas_phantom(seed, atlases, (spacing,) * 3, slice_mm, lesions,
+                                               prob=parse_probabilities(prob) or None)
     else:
         hu, label, affine = make_phantom(seed, (spacing,) * 3, slice_mm)
     return body_volume(f"phantom_{seed}", np.clip(hu.astype(np.float32), *clip), label, affine, clip)

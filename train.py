@@ -117,6 +117,7 @@ class TrainConfig:
     stream: int = 0  # phantoms made fresh for every epoch, in memory on the training grid (0: train on --data)
     phantom: str = "procedural"  # generator of --stream: procedural, atlas or mixed (half each)
     atlas: str = ""  # folders (comma-separated) of label maps whose organ and lesion shapes --phantom atlas uses
+    phantom_prob: str = ""  # "NAME=P,...": atlas phantoms' phenomenon probabilities other than atlas_phantom's defaults
     init: str = ""  # checkpoint a new run starts from (fine-tuning): its weights, VNet and normalisation; new optimiser
     ema: float = 0.0  # decay of a per-step moving average of the weights that validation and checkpoints hold (0: off)
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
@@ -188,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(labelsTr/) or BTCV 8-organ maps give organ shapes, KiTS23 maps (opt-in: CC BY-NC-SA, a model "
                    "trained on them is non-commercial) real renal tumour and cyst shapes; repeat it or separate "
                    "folders with commas")
+    p.add_argument("--phantom-prob", default=d.phantom_prob, metavar="NAME=P,...",
+                   help="atlas phantoms: probabilities of their phenomena other than atlas_phantom.PROBABILITIES' "
+                   "(e.g. mass=0.6,fatty_liver=0.3; default: none changed)")
     p.add_argument("--init", default=d.init, help="checkpoint to fine-tune: a new run starts from its weights, VNet "
                    "config, voxel size and intensity normalisation, with a fresh optimiser and schedule (default: "
                    "random weights)")
@@ -210,6 +214,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "recorded in the checkpoint's model_card field")
     args = p.parse_args(argv)
     args.atlas = ",".join(args.atlas or [])  # TrainConfig and checkpoints hold one comma-separated string
+    try:
+        from atlas_phantom import parse_probabilities
+
+        parse_probabilities(args.phantom_prob)  # a typo fails here, not in the phantom worker an epoch later
+    except UserError as e:
+        p.error(str(e))
     return args
 
 
@@ -405,7 +415,7 @@ class PhantomStream:
 
     def _args(self, seed: int, clip: tuple[float, float]) -> tuple:
         c = self.cfg
-        return seed, c.phantom, c.spacing, clip, c.atlas
+        return seed, c.phantom, c.spacing, clip, c.atlas, c.phantom_prob
 
     def _submit(self, epoch: int, seeds: list[int], clip: tuple[float, float]) -> None:
         if self.pool is not None and epoch not in self.pending:
