@@ -77,6 +77,11 @@ BOWEL_WALL = {"native": (30, 50), "arterial": (60, 130), "portal": (80, 150), "n
 # phantom as before they existed (bench_pathology's held-out rows among them).
 LATE_DRAWS = ("mass_margin",)
 LATE_STREAM = 2  # their stream: default_rng([seed, LATE_STREAM]); [seed, 1] is phantom_volume's slice profile
+PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
+MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
+             "KiTS23 maps (case_XXXXX.nii.gz)")
+
+
 def parse_probabilities(text: str) -> dict[str, float]:
     """'NAME=P,NAME=P' (train.py --phantom-prob) -> {name: probability}, overrides of PROBABILITIES
     ('' -> {}). A name outside PROBABILITIES or a P outside [0, 1] is a UserError naming the fix."""
@@ -92,11 +97,6 @@ def parse_probabilities(text: str) -> dict[str, float]:
                             f"{', '.join(PROBABILITIES)}")
         out[name] = p
     return out
-
-
-PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
-MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
-             "KiTS23 maps (case_XXXXX.nii.gz)")
 
 
 @dataclass

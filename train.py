@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import distributed
-from atlas_phantom import phantom_volume
+from atlas_phantom import parse_probabilities, phantom_volume
 from dataset import (
     LABEL_MAP_HELP,
     LAYOUTS_HELP,
@@ -215,8 +215,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.atlas = ",".join(args.atlas or [])  # TrainConfig and checkpoints hold one comma-separated string
     try:
-        from atlas_phantom import parse_probabilities
-
         parse_probabilities(args.phantom_prob)  # a typo fails here, not in the phantom worker an epoch later
     except UserError as e:
         p.error(str(e))

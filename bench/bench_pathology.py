@@ -5,8 +5,9 @@
 
 Each row makes --cases phantoms with atlas_phantom.make_atlas_phantom on a 2 mm grid (2.5 mm slice
 profile), every phenomenon of atlas_phantom.PROBABILITIES off but the row's, in the row's contrast
-phase. Seeds start at 10**9 + 1000 * (the row's place in ROWS): a training stream draws its seeds uniformly from 2**32, so
-these are phantoms no run trained on, though their organ shapes come from the same label maps. The
+phase. Seeds start at 10**9 + 1000 * (the row's place in ROWS, whichever --rows run): a training stream
+draws its seeds uniformly from 2**32, so these are phantoms no run trained on, though their organ
+shapes come from the same label maps. The
 four organs are scored by Dice, and the row's own structure by what the model made of it:
 
   mass        share of the extra-organ mass (labelled background) painted as an organ, %
