@@ -83,8 +83,9 @@ MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.g
 
 
 def parse_probabilities(text: str) -> dict[str, float]:
-    """'NAME=P,NAME=P' (train.py --phantom-prob) -> {name: probability}, overrides of PROBABILITIES
-    ('' -> {}). A name outside PROBABILITIES or a P outside [0, 1] is a UserError naming the fix."""
+    """'NAME=P,NAME=P' (train.py --phantom-prob) -> {name: probability}: overrides of PROBABILITIES and
+    of PHASE_PROBABILITIES ('' -> {}). A name in neither, a P outside [0, 1] or phases given more than
+    1 in all is a UserError naming the fix."""
     out = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
@@ -92,11 +93,26 @@ def parse_probabilities(text: str) -> dict[str, float]:
             p = float(value)
         except ValueError:
             p = -1.0
-        if name not in PROBABILITIES or not 0 <= p <= 1:
+        if name not in PROBABILITIES and name not in PHASE_PROBABILITIES or not 0 <= p <= 1:
             raise UserError(f"--phantom-prob {item!r}: give NAME=P with P from 0 to 1 and NAME one of "
-                            f"{', '.join(PROBABILITIES)}")
+                            f"{', '.join(PROBABILITIES)} or a phase: {', '.join(PHASE_PROBABILITIES)}")
         out[name] = p
+    if sum(p for name, p in out.items() if name in PHASE_PROBABILITIES) > 1 + 1e-9:
+        raise UserError(f"--phantom-prob {text!r}: the phases given add up to more than 1; lower them")
     return out
+
+
+def phase_probabilities(prob: dict | None = None) -> dict[str, float]:
+    """PHASE_PROBABILITIES with the phases named in prob set to theirs and the others scaled to fill
+    the rest in their default proportions (all given: as given, normalised)."""
+    given = {k: v for k, v in (prob or {}).items() if k in PHASE_PROBABILITIES}
+    if not given:
+        return dict(PHASE_PROBABILITIES)  # as is, so that a seed draws the phase it always drew
+    rest = {k: v for k, v in PHASE_PROBABILITIES.items() if k not in given}
+    scale = (1 - sum(given.values())) / sum(rest.values()) if rest else 0.0
+    out = {k: given[k] if k in given else rest[k] * scale for k in PHASE_PROBABILITIES}
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()}
 
 
 @dataclass
@@ -949,21 +965,23 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     Returns (hu, label, affine) as phantom.make_phantom: hu (X, Y, Z) int16 HU, label (X, Y, Z)
     uint8 in the project's map, affine (4, 4) RAS mm. spacing (mm) defaults to a random clinical one;
     slice_mm as in make_phantom. lesions: real renal lesion shapes (KiTS23) to paste onto kidneys.
-    prob overrides entries of PROBABILITIES (1.0 forces a phenomenon on, 0.0 off); phase forces a
-    contrast phase of PHASE_PROBABILITIES. A dict given as info receives what was painted: the phase,
-    the phenomena drawn, the painted HU before scanner blur and noise ("painted", X, Y, Z float32)
-    and each phenomenon's mask (X, Y, Z bool), the perirenal fat, jejunum, diaphragm and colon among them.
+    prob overrides entries of PROBABILITIES (1.0 forces a phenomenon on, 0.0 off) and of
+    PHASE_PROBABILITIES (see phase_probabilities); phase forces a contrast phase. A dict given as info
+    receives what was painted: the phase, the phenomena drawn, the painted HU before scanner blur and
+    noise ("painted", X, Y, Z float32) and each phenomenon's mask (X, Y, Z bool), the perirenal fat,
+    jejunum, diaphragm and colon among them.
     """
     if not atlases:
         raise UserError(f"no atlas label maps given; pass folders of {MAPS_HELP} to --atlas")
     rng = np.random.default_rng(seed)
     u = rng.uniform
-    p = {**PROBABILITIES, **(prob or {})}
+    p = {**PROBABILITIES, **{k: v for k, v in (prob or {}).items() if k in PROBABILITIES}}
     on = {name: bool(rng.random() < p[name]) for name in PROBABILITIES if name not in LATE_DRAWS}  # forced or not
     late = np.random.default_rng([seed, LATE_STREAM])
     on |= {name: bool(late.random() < p[name]) for name in LATE_DRAWS}
     atlas = atlases[int(rng.integers(len(atlases)))]
-    drawn = str(rng.choice(list(PHASE_PROBABILITIES), p=list(PHASE_PROBABILITIES.values())))
+    phases = phase_probabilities(prob)
+    drawn = str(rng.choice(list(phases), p=list(phases.values())))
     phase = phase or drawn
     urine = URINE[phase]
     # Domain randomisation: each tissue +-15 HU beyond its phase's range (docs/phantom.md, "Calibration").

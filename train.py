@@ -117,7 +117,7 @@ class TrainConfig:
     stream: int = 0  # phantoms made fresh for every epoch, in memory on the training grid (0: train on --data)
     phantom: str = "procedural"  # generator of --stream: procedural, atlas or mixed (half each)
     atlas: str = ""  # folders (comma-separated) of label maps whose organ and lesion shapes --phantom atlas uses
-    phantom_prob: str = ""  # "NAME=P,...": atlas phantoms' phenomenon probabilities other than atlas_phantom's defaults
+    phantom_prob: str = ""  # "NAME=P,...": atlas phantoms' phenomenon and phase probabilities other than atlas_phantom's defaults
     init: str = ""  # checkpoint a new run starts from (fine-tuning): its weights, VNet and normalisation; new optimiser
     ema: float = 0.0  # decay of a per-step moving average of the weights that validation and checkpoints hold (0: off)
     max_minutes: float = 0.0  # stop after this many minutes (0: none; CPU default 13)
@@ -190,8 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "trained on them is non-commercial) real renal tumour and cyst shapes; repeat it or separate "
                    "folders with commas")
     p.add_argument("--phantom-prob", default=d.phantom_prob, metavar="NAME=P,...",
-                   help="atlas phantoms: probabilities of their phenomena other than atlas_phantom.PROBABILITIES' "
-                   "(e.g. mass=0.6,fatty_liver=0.3; default: none changed)")
+                   help="atlas phantoms: probabilities of their phenomena and contrast phases other than "
+                   "atlas_phantom.PROBABILITIES' and PHASE_PROBABILITIES' (e.g. mass=0.6,native=0.4: the phases not "
+                   "named share the rest in their default proportions; default: none changed)")
     p.add_argument("--init", default=d.init, help="checkpoint to fine-tune: a new run starts from its weights, VNet "
                    "config, voxel size and intensity normalisation, with a fresh optimiser and schedule (default: "
                    "random weights)")

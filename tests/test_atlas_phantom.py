@@ -81,6 +81,23 @@ def test_phantom_prob_overrides_the_phenomena_and_rejects_typos(atlas_dir, capsy
     assert on.image.max() > 1500 > off.image.max()
 
 
+def test_phantom_prob_sets_phase_probabilities_and_keeps_the_rest_in_proportion(atlas_dir):
+    assert atlas_phantom.phase_probabilities() == pytest.approx(atlas_phantom.PHASE_PROBABILITIES)
+    phases = atlas_phantom.phase_probabilities(atlas_phantom.parse_probabilities("mass=0.9,native=0.45"))
+    default = atlas_phantom.PHASE_PROBABILITIES
+    assert phases["native"] == pytest.approx(0.45) and sum(phases.values()) == pytest.approx(1)
+    assert phases["portal"] / phases["arterial"] == pytest.approx(default["portal"] / default["arterial"])
+    with pytest.raises(UserError, match="add up to more than 1"):
+        atlas_phantom.parse_probabilities("native=0.7,portal=0.5")
+    # Forced to one phase, every seed draws it; the phenomena drawn stay those of the seed.
+    for seed in range(3):
+        info, base = {}, {}
+        make_atlas_phantom(seed, atlas_phantom.load_sources(str(atlas_dir))[0], (8.0,) * 3, info=base)
+        make_atlas_phantom(seed, atlas_phantom.load_sources(str(atlas_dir))[0], (8.0,) * 3,
+                           prob={"excretory": 1.0}, info=info)
+        assert info["phase"] == "excretory" and info["on"] == base["on"]
+
+
 def test_stream_trains_on_fresh_phantoms_each_epoch(atlas_dir, tmp_path):
     args = ["--stream", "2", "--phantom", "atlas", "--atlas", str(atlas_dir), "--epochs", "2", "--spacing", "8",
             "--patch", "16", "--steps-per-epoch", "2", "--device", "cpu", "--out", str(tmp_path), "--run", "s"]
