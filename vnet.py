@@ -80,6 +80,7 @@ PRESETS: dict[str, VNetConfig] = {
 WGRAD_ROUTE = "auto"  # "auto": time both routes once per shape; "rule": the size rule below, always
 SWAPPED_WGRAD_MAX_VOXELS = 24**3  # rule: per sample and channel; smaller maps use the swapped weight gradient
 SWAPPED_WGRAD_MAX_OUT = 8  # rule: and so do outputs with fewer channels than this, at any size
+FEW_OUT_CHANNELS = 8  # CPU float32: convolutions with fewer outputs (the 5-class head) split their depth taps
 WGRAD_TIMING_REPEATS = 2  # auto: timed passes per route after one warm-up; the fastest pass counts
 _wgrad_choice: dict[tuple, bool] = {}  # auto: (shape, dtype, layout, layer, threads) -> swapped is faster
 
@@ -122,25 +123,26 @@ class _SwappedWeightGradConv3d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _swapped_route_is_faster(conv: nn.Conv3d, x: torch.Tensor) -> bool:
-    """Whether the swapped weight gradient beats oneDNN's for this layer on input x (N, C, D, H, W),
+def _swapped_route_is_faster(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int, int]) -> bool:
+    """Whether the swapped weight gradient beats oneDNN's for a convolution (weight (O, I, kD, kH, kW),
+    zero padding) on input x (N, C, D, H, W),
     timed on this CPU the first time the shape is seen: the weight gradient alone each way (the
     input's gradient is the same call in both), on x's own values and an all-ones output gradient,
     so no random number is drawn and the run's random stream is untouched."""
     key = (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last_3d),
-           conv.out_channels, conv.kernel_size, conv.padding, torch.get_num_threads())
+           tuple(weight.shape), padding, torch.get_num_threads())
     if key not in _wgrad_choice:
         with torch.no_grad():
-            xs, w = x.detach(), conv.weight.detach()
-            grad_out = torch.ones_like(F.conv3d(xs, w, padding=conv.padding))
+            xs, w = x.detach(), weight.detach()
+            grad_out = torch.ones_like(F.conv3d(xs, w, padding=padding))
             # Each route as the backward runs it: the swapped one with its padding and its copy back into
             # the weight's layout, which for the deep layers' large weights is a sizeable share of that route.
             channels_last = w.is_contiguous(memory_format=torch.channels_last_3d)
             routes = {
                 False: lambda: torch.ops.aten.convolution_backward(
-                    grad_out, xs, w, None, [1, 1, 1], list(conv.padding), [1, 1, 1], False, [0, 0, 0], 1,
+                    grad_out, xs, w, None, [1, 1, 1], list(padding), [1, 1, 1], False, [0, 0, 0], 1,
                     [False, True, False]),
-                True: lambda: _swapped_weight_grad(xs, grad_out, tuple(conv.padding), channels_last),
+                True: lambda: _swapped_weight_grad(xs, grad_out, padding, channels_last),
             }
             best = {}
             for swapped, route in routes.items():
@@ -154,24 +156,84 @@ def _swapped_route_is_faster(conv: nn.Conv3d, x: torch.Tensor) -> bool:
     return _wgrad_choice[key]
 
 
+def _reachable_taps(weight: torch.Tensor, padding: tuple[int, int, int],
+                    spatial: torch.Size) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """A "same" convolution's kernel (O, I, kD, kH, kW; odd sides, padding side // 2) cut to the taps
+    that can meet a voxel of a (D, H, W) map, and the padding that goes with it: on a map thinner than
+    the kernel's reach (a 2^3 bottom stage under 5^3 kernels) the outer taps only ever multiply the
+    zero padding, so the result and every gradient are the same, for a fraction of the arithmetic."""
+    index = [slice(None), slice(None)]
+    cut = []
+    for side, k, p in zip(spatial, weight.shape[2:], padding):
+        reach = min(p, side - 1) if k % 2 and p == k // 2 else p
+        index.append(slice(p - reach, k - (p - reach)))
+        cut.append(reach)
+    if tuple(cut) == tuple(padding):
+        return weight, padding
+    return _CutTaps.apply(weight, tuple(index)), tuple(cut)
+
+
+class _CutTaps(torch.autograd.Function):
+    """weight[index] whose backward writes the gradient into one zeroed tensor of the weight's shape:
+    autograd's own chain of three slices allocates and fills a full-size gradient three times, as
+    long as the taps it saves take to compute for a 256-channel 5^3 kernel."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, index: tuple) -> torch.Tensor:
+        ctx.shape, ctx.index = weight.shape, index
+        return weight[index].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        full = grad.new_zeros(ctx.shape)
+        full[ctx.index] = grad
+        return full, None
+
+
+def _depth_split_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        padding: tuple[int, int, int]) -> torch.Tensor:
+    """conv3d(x, weight, bias, stride 1, zero padding) for a few output channels, as one convolution
+    whose output channels are the O outputs times the kD depth taps, (1, kH, kW) kernel, then the kD
+    depth-shifted slices summed. oneDNN vectorises over output channels: O = 5 (the 5-class head)
+    fills a third of its vectors, O x kD = 25 fills most of two (0.30 -> 0.21 s forward and backward
+    for a 32 -> 5 channel 5^3 head on 2 x 32^3, one thread). The same sum in another order."""
+    out, _, kd = weight.shape[:3]
+    pd, ph, pw = padding
+    taps = weight.permute(2, 0, 1, 3, 4).reshape(kd * out, weight.shape[1], 1, *weight.shape[3:])
+    z = F.conv3d(F.pad(x, (0, 0, 0, 0, pd, pd)), taps, padding=(0, ph, pw))
+    depth = z.shape[2] - kd + 1
+    y = z[:, :out, :depth]
+    for d in range(1, kd):
+        y = y + z[:, d * out:(d + 1) * out, d:d + depth]
+    return y if bias is None else y + bias.view(1, -1, 1, 1, 1)
+
+
 class Conv3d(nn.Conv3d):
-    """nn.Conv3d (same parameters, same function) that, when training on a CPU, takes the swapped
-    weight gradient of _SwappedWeightGradConv3d where that is the faster one (stride 1, zero padding)."""
+    """nn.Conv3d (same parameters, same function, the same values up to the order of float sums).
+    With stride 1 and zero padding it drops kernel taps that can only meet the padding
+    (_reachable_taps); on a CPU in float32 a convolution with fewer than FEW_OUT_CHANNELS outputs
+    takes _depth_split_conv3d, and when training the others take the swapped weight gradient of
+    _SwappedWeightGradConv3d where that is the faster one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dim() == 5 and torch.is_grad_enabled() and self.weight.requires_grad
-                and self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) and self.groups == 1
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                # Under CPU autocast (bf16) its backward would meet bf16 gradients and float32 weights.
-                and not torch.is_autocast_enabled("cpu")):
+        if not (x.dim() == 5 and self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) and self.groups == 1
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
+            return super().forward(x)
+        weight, padding = _reachable_taps(self.weight, tuple(self.padding), x.shape[2:])
+        # Under CPU autocast (bf16) the routes below would meet bf16 gradients and float32 weights.
+        cpu_float32 = (x.device.type == "cpu" and x.dtype == torch.float32
+                       and not torch.is_autocast_enabled("cpu"))
+        if cpu_float32 and self.out_channels < FEW_OUT_CHANNELS and weight.shape[2] > 1:
+            return _depth_split_conv3d(x, weight, self.bias, padding)
+        if cpu_float32 and torch.is_grad_enabled() and self.weight.requires_grad:
             if WGRAD_ROUTE == "rule" or torch.are_deterministic_algorithms_enabled():
                 swapped = (x.shape[2] * x.shape[3] * x.shape[4] <= SWAPPED_WGRAD_MAX_VOXELS
                            or self.out_channels < SWAPPED_WGRAD_MAX_OUT)
             else:
-                swapped = _swapped_route_is_faster(self, x)
+                swapped = _swapped_route_is_faster(x, weight, padding)
             if swapped:
-                return _SwappedWeightGradConv3d.apply(x, self.weight, self.bias, tuple(self.padding))
-        return super().forward(x)
+                return _SwappedWeightGradConv3d.apply(x, weight, self.bias, padding)
+        return F.conv3d(x, weight, self.bias, padding=padding)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

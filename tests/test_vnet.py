@@ -46,6 +46,7 @@ def test_swapped_weight_gradient_equals_torch(cin, cout, side, kernel, bias, cha
 
     # Every size takes the swapped weight gradient here, whatever the thresholds.
     monkeypatch.setattr(vnet, "WGRAD_ROUTE", "rule")
+    monkeypatch.setattr(vnet, "FEW_OUT_CHANNELS", 0)
     monkeypatch.setattr(vnet, "SWAPPED_WGRAD_MAX_VOXELS", side**3)
     torch.manual_seed(0)
     conv = vnet.Conv3d(cin, cout, kernel, padding=kernel // 2, bias=bias)
@@ -65,6 +66,39 @@ def test_swapped_weight_gradient_equals_torch(cin, cout, side, kernel, bias, cha
     for ours, exact in zip(*grads):
         # float32 sums over thousands of terms: within 1e-5 of the largest value of each gradient
         torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("cin,cout,shape,kernel,bias,route", [
+    (6, 5, (9, 10, 11), 5, True, "depth split"),   # the 5-class head
+    (3, 2, (6, 7, 5), 3, False, "depth split"),
+    (8, 8, (2, 2, 2), 5, False, "taps cut"),       # a 2^3 bottom stage under 5^3 kernels
+    (4, 3, (1, 3, 2), 5, True, "both"),            # cut in depth and width, then split
+])
+def test_depth_split_and_cut_taps_equal_torch(cin, cout, shape, kernel, bias, route, monkeypatch):
+    """The head's depth-split convolution and the kernel cut to the taps a thin map can reach give
+    torch's outputs and gradients (float64 reference), for any weight-gradient route."""
+    import vnet
+
+    monkeypatch.setattr(vnet, "WGRAD_ROUTE", "rule")
+    torch.manual_seed(0)
+    conv = vnet.Conv3d(cin, cout, kernel, padding=kernel // 2, bias=bias)
+    ref = torch.nn.Conv3d(cin, cout, kernel, padding=kernel // 2, bias=bias).double()
+    ref.load_state_dict(conv.state_dict())
+    weight, padding = vnet._reachable_taps(conv.weight, tuple(conv.padding), torch.Size(shape))
+    assert (weight.shape != conv.weight.shape) == (route != "depth split")
+    x = torch.randn(2, cin, *shape)
+    for grad in (False, True):
+        results = []
+        for layer, xi in ((conv, x.clone()), (ref, x.double())):
+            layer.zero_grad()
+            xi.requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                out = layer(xi)
+            if grad:
+                (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+            results.append((out.detach(), *((xi.grad, *(p.grad for p in layer.parameters())) if grad else ())))
+        for ours, exact in zip(*results):
+            torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
 
 
 def small_vnet_gradients():
@@ -111,7 +145,7 @@ def test_weight_gradient_route_is_timed_once_per_shape_and_fixed_when_determinis
     choices = dict(vnet._wgrad_choice)
     grads()
     assert vnet._wgrad_choice == choices  # the second step times nothing new
-    monkeypatch.setattr(vnet, "_swapped_route_is_faster", lambda conv, x: pytest.fail("timed under deterministic"))
+    monkeypatch.setattr(vnet, "_swapped_route_is_faster", lambda *a: pytest.fail("timed under deterministic"))
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     for ours, theirs in zip(auto, grads()):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
@@ -123,7 +157,7 @@ def test_cpu_bf16_autocast_training_step_takes_onednns_weight_gradient(monkeypat
     float32 gradient close to the float32 step's."""
     import vnet
 
-    monkeypatch.setattr(vnet, "_swapped_route_is_faster", lambda conv, x: pytest.fail("timed under autocast"))
+    monkeypatch.setattr(vnet, "_swapped_route_is_faster", lambda *a: pytest.fail("timed under autocast"))
     monkeypatch.setattr(vnet, "WGRAD_ROUTE", "rule")
     torch.manual_seed(0)
     model = build_vnet("small", base_width=4)
