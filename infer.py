@@ -121,6 +121,11 @@ MODEL_CARD = ROOT / "docs" / "MODEL_CARD.md"
 # is fully convolutional; train.py validates with windows of up to three patches a side too.
 MIN_WINDOW = 160
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Two threads per core. oneDNN splits each convolution evenly over the threads; when another process
+# takes part of one core, the thread that shares it holds every other back. With twice the threads
+# each carries half the share and the scheduler evens them out: beside a busy process on 2 cores
+# 10.5-11.3 -> 7.3-7.9 s a scan, quiet 4.9-5.0 s either way (bench/RESULTS.md, "Inference speed").
+CPU_THREADS_PER_CORE = 2
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -170,7 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-png", dest="png", action="store_false", help="skip the quick-look PNG (default: written)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA (default: on)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: two per core, CPU_THREADS_PER_CORE)")
     p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the failure summary")
     return p.parse_args(argv)
 
@@ -860,7 +866,7 @@ def main(args: argparse.Namespace) -> dict:
     device = d.device
     # A folder's scans give windows of many shapes: cuDNN would time its algorithms anew for each.
     configure_torch(device, autotune=single)
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // d.local_world))
+    torch.set_num_threads(args.threads or CPU_THREADS_PER_CORE * max(1, (os.cpu_count() or 1) // d.local_world))
     seg = Segmenter(resolve_checkpoint(args.checkpoint), device,
                     parse_window(args.window), args.overlap, args.sw_batch,
                     args.tta_axes if args.tta else None, args.amp)
