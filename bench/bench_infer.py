@@ -261,6 +261,9 @@ def main(args: argparse.Namespace) -> dict:
         return result
     kinds = [k for k in ("ours", "monai") if not args.only or args.only == k]
     threads = args.threads or torch.get_num_threads()
+    from infer import CPU_THREADS_PER_CORE
+
+    ours_threads = args.threads or CPU_THREADS_PER_CORE * (os.cpu_count() or 1)  # infer.py's default
     prov = provenance(threads)
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
@@ -289,7 +292,8 @@ def main(args: argparse.Namespace) -> dict:
                      "config": {"image": "synthetic" if args.synthetic else image, "shape": list(shape),
                                 "device": args.device, "window": args.window, "overlap": args.overlap,
                                 "sw_batch": args.sw_batch, "repeats": args.repeats, "warmup": args.warmup,
-                                "checkpoint": args.checkpoint or f"random {args.preset}"}}
+                                "checkpoint": args.checkpoint or f"random {args.preset}",
+                                "threads_ours": ours_threads}}
     for kind in kinds:
         last = runs[kind][-1]
         results[kind] = {"total_s": summary([r["total_s"] for r in runs[kind]]),
@@ -297,7 +301,8 @@ def main(args: argparse.Namespace) -> dict:
                          "peak_rss_gib": summary([r["peak_rss_gib"] for r in runs[kind]]),
                          "steps": [r["steps"] for r in runs[kind]],
                          "grid": last["grid"], "roi": last["roi"], "windows": last["windows"]}
-    print(f"image {results['config']['image']} {shape}; device {args.device}; {threads} threads; window "
+    print(f"image {results['config']['image']} {shape}; device {args.device}; threads: ours {ours_threads}, MONAI "
+          f"{threads}; window "
           f"{args.window}, overlap {args.overlap}, sw-batch {args.sw_batch}; checkpoint "
           f"{results['config']['checkpoint']}; {args.repeats} interleaved runs each after {args.warmup} warm-up")
     print(f"  machine: {describe_machine(prov)}")

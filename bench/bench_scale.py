@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extent", type=float, default=210.0,
                    help="head-to-feet extent of every scan, mm (210: slices 0.3 mm apart at 700)")
     p.add_argument("--checkpoint", default="", help="checkpoint (default: infer.py's, the shipped model)")
-    p.add_argument("--threads", type=int, default=0, help="infer.py --threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0, help="infer.py --threads (0: infer.py's default, two per core)")
     p.add_argument("--repeats", type=int, default=1, help="runs per size, sizes interleaved")
     p.add_argument("--worker", nargs=2, metavar=("SCAN", "MASK"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -94,9 +94,9 @@ def main(args: argparse.Namespace) -> dict:
         result = run_worker(*args.worker, args)
         print(json.dumps(result))
         return result
-    import torch
+    from infer import CPU_THREADS_PER_CORE
 
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads or CPU_THREADS_PER_CORE * (os.cpu_count() or 1)
     prov = provenance(threads)
     sizes = [int(s) for s in args.slices.split(",")]
     runs: dict[int, list[dict]] = {n: [] for n in sizes}
