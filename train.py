@@ -689,6 +689,18 @@ def loader_workers(workers: int, d: distributed.Dist) -> int:
     return max(1, min(workers, (os.cpu_count() or 1) // d.local_world - 1))
 
 
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ with the same result, returning the total norm (0-dim tensor):
+    on a CPU, when the norm is already within max_norm, the multiply of every gradient by 1 is
+    skipped (a pass over all of them, 182 MB for `vnet`: 2-3 % of its CPU step). On a GPU the
+    comparison would wait for the device, so the gradients are always scaled there."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    # clip_grad_norm_ scales by min(1, max_norm / (norm + 1e-6)): exactly 1 below this bound.
+    if total.device.type != "cpu" or total + 1e-6 > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total
+
+
 def to_training_layout(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """model on device, channels-last 3D weights on CUDA. Activations run channels-last everywhere
     (the input is converted at every step): cuDNN's and oneDNN's fast 3D convolutions use that
@@ -1003,7 +1015,7 @@ def main(args: argparse.Namespace) -> dict:
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            clip_gradients(list(model.parameters()), 12.0)
             scaler.step(opt)
             scaler.update()
             sched.step()

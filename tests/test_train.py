@@ -179,3 +179,21 @@ def test_weight_average_is_bias_corrected():
         average.update(model)
         seen.append(average.model.bias.item())
     assert seen == pytest.approx([1.0, 2.5 / 1.5, 8.5 / 3.5])
+
+
+def test_clip_gradients_equals_torch_clip_grad_norm_within_and_beyond_the_bound():
+    from train import clip_gradients
+
+    for scale in (1e-3, 1e3):  # total norm far below and far above 12
+        torch.manual_seed(0)
+        ours, ref = torch.nn.Linear(30, 20), torch.nn.Linear(30, 20)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(8, 30)
+        for layer in (ours, ref):
+            (layer(x).square().sum() * scale).backward()
+        assert torch.equal(ours.weight.grad, ref.weight.grad)
+        total = clip_gradients(list(ours.parameters()), 12.0)
+        expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 12.0)
+        assert torch.equal(total, expected)
+        for a, b in zip(ours.parameters(), ref.parameters()):
+            assert torch.equal(a.grad, b.grad)
