@@ -128,6 +128,12 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CPU_THREADS_PER_CORE = 2
 
 
+def default_threads(local_world: int = 1) -> int:
+    """CPU threads when --threads is 0: CPU_THREADS_PER_CORE for each core of this process's share
+    (the cores split among local_world processes under torchrun)."""
+    return CPU_THREADS_PER_CORE * max(1, (os.cpu_count() or 1) // local_world)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: ...)" to help texts that do not state their default themselves."""
 
@@ -175,8 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-png", dest="png", action="store_false", help="skip the quick-look PNG (default: written)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA (default: on)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (0: two per core, CPU_THREADS_PER_CORE)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: two per core)")
     p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the failure summary")
     return p.parse_args(argv)
 
@@ -866,7 +871,7 @@ def main(args: argparse.Namespace) -> dict:
     device = d.device
     # A folder's scans give windows of many shapes: cuDNN would time its algorithms anew for each.
     configure_torch(device, autotune=single)
-    torch.set_num_threads(args.threads or CPU_THREADS_PER_CORE * max(1, (os.cpu_count() or 1) // d.local_world))
+    torch.set_num_threads(args.threads or default_threads(d.local_world))
     seg = Segmenter(resolve_checkpoint(args.checkpoint), device,
                     parse_window(args.window), args.overlap, args.sw_batch,
                     args.tta_axes if args.tta else None, args.amp)

@@ -174,9 +174,9 @@ def _reachable_taps(weight: torch.Tensor, padding: tuple[int, int, int],
 
 
 class _CutTaps(torch.autograd.Function):
-    """weight[index] whose backward writes the gradient into one zeroed tensor of the weight's shape:
-    autograd's own chain of three slices allocates and fills a full-size gradient three times, as
-    long as the taps it saves take to compute for a 256-channel 5^3 kernel."""
+    """weight[index] whose backward writes the gradient into one zeroed tensor of the weight's shape.
+    Autograd's own chain of three slices allocates and fills a full-size gradient per slice, which for
+    a 256-channel 5^3 kernel costs about what cutting the taps saves."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, index: tuple) -> torch.Tensor:

@@ -261,9 +261,9 @@ def main(args: argparse.Namespace) -> dict:
         return result
     kinds = [k for k in ("ours", "monai") if not args.only or args.only == k]
     threads = args.threads or torch.get_num_threads()
-    from infer import CPU_THREADS_PER_CORE
+    from infer import default_threads
 
-    ours_threads = args.threads or CPU_THREADS_PER_CORE * (os.cpu_count() or 1)  # infer.py's default
+    ours_threads = args.threads or default_threads()
     prov = provenance(threads)
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:

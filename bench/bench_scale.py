@@ -94,9 +94,9 @@ def main(args: argparse.Namespace) -> dict:
         result = run_worker(*args.worker, args)
         print(json.dumps(result))
         return result
-    from infer import CPU_THREADS_PER_CORE
+    from infer import default_threads
 
-    threads = args.threads or CPU_THREADS_PER_CORE * (os.cpu_count() or 1)
+    threads = args.threads or default_threads()
     prov = provenance(threads)
     sizes = [int(s) for s in args.slices.split(",")]
     runs: dict[int, list[dict]] = {n: [] for n in sizes}
