@@ -19,6 +19,14 @@ Rows (each input built from the original NIfTI; the exact recipe is printed and 
                of 10 HU with a 3 mm wall of 45 HU, plus Gaussian noise of 12 HU (default_rng(0), drawn
                over the mass's bounding box),
                labelled background; also scored: the share of the mass painted as an organ
+  excretory    the kidneys' collecting systems filled with excreted contrast, as in CT urography: every
+               voxel inside the reference kidneys under 100 HU (urine in the calyces and pelvis within the
+               kidney's outline, and the sinus fat there) and at least 2 mm from the outline set to 1200 HU,
+               plus Gaussian noise of 60 HU (default_rng(0), over the kidneys' bounding box); labelled kidney,
+               as the references label the inside of the outline; also scored: the share of those voxels
+               not labelled as their kidney. Only for a scan whose kidneys enhance (reference kidneys' median
+               at least 100 HU): in an unenhanced scan urine and parenchyma cannot be told apart by HU, and
+               the row is reported as not applicable
 
 Each input is segmented with `python infer.py --input CT --output MASK --label REF --label-map MAP
 --checkpoint CKPT --no-png` (in-process) and scored by its metrics; the table gives Dice per organ,
@@ -45,7 +53,7 @@ CTS = {  # name: (image, reference, the reference's label map)
     "ircad_p1": ("ircad_p1/image.nii.gz", "ircad_p1/label.nii.gz", "identity"),
     "totalseg_example": ("totalseg_example/ct.nii.gz", "totalseg_example/segmentation.nii.gz", "totalseg"),
 }
-ROWS = ("original", "thick", "noise", "dome", "kidneys_cut", "mass")
+ROWS = ("original", "thick", "noise", "dome", "kidneys_cut", "mass", "excretory")
 THICK_MM = 5.0
 NOISE_HU = 30.0
 NOISE_SEED = 0
@@ -53,6 +61,10 @@ DOME_MM = 32.0
 MASS_RADII_MM = (45.0, 40.0, 40.0)  # left-right, front-back, head-feet: 9 x 8 x 8 cm, as in the reported case
 MASS_FORWARD_MM = 40.0  # its centre in front of the right kidney's centre: the hepatorenal space, under the liver
 MASS_HU, MASS_WALL_HU, MASS_WALL_MM, MASS_NOISE_HU = 10.0, 45.0, 3.0, 12.0
+# Excreted contrast reaches 300 to over 2000 HU in the collecting system (docs/phantom.md, "Calibration").
+URINE_UNDER_HU = 100.0  # inside an enhanced kidney's outline, what is darker than this is urine or sinus fat
+ENHANCED_KIDNEY_HU = 100.0  # the reference kidneys' median HU from which the excretory row applies
+EXCRETORY_DEPTH_MM, EXCRETORY_HU, EXCRETORY_NOISE_HU = 2.0, 1200.0, 60.0
 ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
 
 
@@ -151,6 +163,9 @@ def build_input(row: str, hu: np.ndarray, label: np.ndarray, affine: np.ndarray,
     elif row == "mass":
         hu, recipe = paste_mass(hu, label, affine, label_map)
         return hu, label, affine, recipe
+    elif row == "excretory":
+        hu, recipe = fill_collecting_systems(hu, label, affine, label_map)
+        return hu, label, affine, recipe
     else:
         raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
     index = np.arange(first, first + keep)
@@ -201,6 +216,53 @@ def paste_mass(hu: np.ndarray, label: np.ndarray, affine: np.ndarray, label_map:
     return out, recipe
 
 
+class RowNotApplicable(ValueError):
+    """A row that a CT cannot be given (the excretory row on an unenhanced scan)."""
+
+
+def collecting_systems(hu: np.ndarray, label: np.ndarray, affine: np.ndarray, label_map: str = "identity"
+                       ) -> np.ndarray:
+    """(X, Y, Z) uint8: the excretory row's collecting systems, 2 (right) and 3 (left) where a reference
+    kidney's voxel is under URINE_UNDER_HU and at least EXCRETORY_DEPTH_MM inside its outline, else 0.
+    Raises RowNotApplicable when the reference kidneys' median is under ENHANCED_KIDNEY_HU."""
+    from scipy import ndimage
+
+    from dataset import remap_labels
+    from utils import spacing_of
+
+    ours = remap_labels(np.asarray(label), label_map, "reference")
+    kidneys = (ours == 2) | (ours == 3)
+    median = float(np.median(np.asarray(hu)[kidneys]))
+    if median < ENHANCED_KIDNEY_HU:
+        raise RowNotApplicable(f"the kidneys do not enhance (median {median:.0f} HU, under {ENHANCED_KIDNEY_HU:g}): "
+                               "urine and parenchyma cannot be told apart by HU")
+    out = np.zeros(ours.shape, dtype=np.uint8)
+    for value in (2, 3):
+        box = ndimage.find_objects((ours == value).astype(np.uint8))[0]
+        kidney = ours[box] == value
+        depth = ndimage.distance_transform_edt(np.pad(kidney, 1), sampling=spacing_of(affine))[1:-1, 1:-1, 1:-1]
+        out[box][kidney & (depth >= EXCRETORY_DEPTH_MM) & (np.asarray(hu)[box] < URINE_UNDER_HU)] = value
+    return out
+
+
+def fill_collecting_systems(hu: np.ndarray, label: np.ndarray, affine: np.ndarray, label_map: str = "identity"
+                            ) -> tuple[np.ndarray, str]:
+    """The excretory row's scan: hu (same dtype) with the voxels of collecting_systems at EXCRETORY_HU plus
+    noise, and its recipe."""
+    from scipy import ndimage
+
+    systems = collecting_systems(hu, label, affine, label_map) > 0
+    box = ndimage.find_objects(systems.astype(np.uint8))[0]
+    painted = EXCRETORY_HU + np.random.default_rng(NOISE_SEED).normal(0.0, EXCRETORY_NOISE_HU, systems[box].shape)
+    out = np.array(hu, copy=True)
+    out[box][systems[box]] = np.round(painted[systems[box]]).astype(hu.dtype)
+    ml = systems.sum() * abs(float(np.linalg.det(affine[:3, :3]))) / 1000
+    recipe = (f"every reference kidney voxel under {URINE_UNDER_HU:g} HU and at least {EXCRETORY_DEPTH_MM:g} mm inside "
+              f"its kidney's outline ({ml:.1f} mL) set to {EXCRETORY_HU:g} HU + default_rng({NOISE_SEED}).normal(0, "
+              f"{EXCRETORY_NOISE_HU:g}) over their bounding box, rounded to {hu.dtype}; labelled kidney")
+    return out, recipe
+
+
 def run_row(ct: str, row: str, checkpoint: str | Path, folder: Path, real: str = str(REAL),
             device: str = "auto") -> dict:
     """Builds the row's input in `folder`, segments it with infer.py and scores it: {"ct", "row",
@@ -224,12 +286,15 @@ def run_row(ct: str, row: str, checkpoint: str | Path, folder: Path, real: str =
     (result,) = summary["cases"].values()
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000
     counts = np.bincount(remap_labels(np.asarray(label), label_map, ref).ravel(), minlength=5)
-    painted = None
+    painted = missed = None
     if row == "mass":  # the share of the cyst the model calls an organ, %
         cyst = mass_mask(label, affine, label_map)
         painted = round(100.0 * float((np.asarray(nib.load(mask).dataobj)[cyst] > 0).mean()), 1)
+    if row == "excretory":  # the share of the opacified voxels not labelled as their own kidney, %
+        systems = collecting_systems(load_ct(ct, real)[0], label, affine, label_map)
+        missed = round(100.0 * float((np.asarray(nib.load(mask).dataobj)[systems > 0] != systems[systems > 0]).mean()), 1)
     return {"ct": ct, "row": row, "recipe": recipe, "shape": list(hu.shape), "image": str(image), "mask": str(mask),
-            "mass_painted_percent": painted,
+            "mass_painted_percent": painted, "collecting_missed_percent": missed,
             "dice": {o: round(result["metrics"][o]["dice"], 3) for o in ORGANS},
             "ref_ml": {o: round(float(counts[i + 1]) * voxel_ml, 1) for i, o in enumerate(ORGANS)},
             "pred_ml": result["volumes_ml"], "warnings": result["warnings"]}
@@ -240,20 +305,32 @@ def markdown(rows: list[dict], checkpoint: str) -> str:
              "| CT | input | liver | right kidney | left kidney | spleen | warning |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("not_applicable"):
+            lines.append(f"| {r['ct']} | {r['row']} | not applicable: {r['not_applicable']} |  |  |  |  |")
+            continue
         cells = [f"{r['dice'][o]:.3f} ({r['ref_ml'][o]:.0f})" for o in ORGANS]
         row = r["row"] + (f" ({r['mass_painted_percent']:.1f} % of it painted as organ)"
                           if r.get("mass_painted_percent") is not None else "")
+        row += (f" ({r['collecting_missed_percent']:.1f} % of the opacified voxels missed)"
+                if r.get("collecting_missed_percent") is not None else "")
         lines.append(f"| {r['ct']} | {row} | {' | '.join(cells)} | {'; '.join(r['warnings']) or '-'} |")
-    lines += ["", "Inputs:"] + [f"- {r['ct']} {r['row']}: {r['recipe']}" for r in rows if r["row"] != "original"]
+    lines += ["", "Inputs:"] + [f"- {r['ct']} {r['row']}: {r['recipe']}" for r in rows
+                                    if r["row"] != "original" and not r.get("not_applicable")]
     return "\n".join(lines) + "\n"
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out or tempfile.mkdtemp(prefix="robustness-"))
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for ct in args.cts.split(","):
         for row in args.rows.split(","):
-            r = run_row(ct, row, args.checkpoint, out / "inputs", args.real, args.device)
+            try:
+                r = run_row(ct, row, args.checkpoint, out / "inputs", args.real, args.device)
+            except RowNotApplicable as e:
+                print(f"{ct} {row}: not applicable: {e}", flush=True)
+                rows.append({"ct": ct, "row": row, "not_applicable": str(e)})
+                continue
             print(f"{ct} {row}: Dice {r['dice']}; warning: {'; '.join(r['warnings']) or '-'}\n  input: {r['recipe']}",
                   flush=True)
             rows.append(r)
