@@ -67,6 +67,9 @@ PROBABILITIES = {
     "atrophic_kidney": 0.05, "missing_kidney": 0.04,
     "metal": 0.1, "low_dose": 0.15,
     "jejunum": 0.85,  # small-bowel loops in the left upper abdomen, walls enhancing with the phase (background)
+    # Given the excretory phase: a split-bolus CT urography, whose kidneys, vessels, liver and spleen enhance as in
+    # the nephrographic phase while excreted contrast fills the collecting systems. Off unless asked for.
+    "split_bolus": 0.0,
 }
 # Small-bowel and colon wall per phase: the jejunum's mucosa enhances as much as the spleen in the
 # portal phase (IRCAD patient 1: 106 HU median, 86..118 p25..p75, in the loops beside its spleen and
@@ -77,6 +80,8 @@ BOWEL_WALL = {"native": (30, 50), "arterial": (60, 130), "portal": (80, 150), "n
 # phantom as before they existed (bench_pathology's held-out rows among them).
 LATE_DRAWS = ("mass_margin",)
 LATE_STREAM = 2  # their stream: default_rng([seed, LATE_STREAM]); [seed, 1] is phantom_volume's slice profile
+SPLIT_BOLUS_STREAM = 3  # split_bolus and its tissues: default_rng([seed, SPLIT_BOLUS_STREAM]), changing no other draw
+SPLIT_BOLUS_TISSUES = ("liver", "spleen", "cortex", "medulla", "aorta", "vein")
 PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
 MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
              "KiTS23 maps (case_XXXXX.nii.gz)")
@@ -976,9 +981,12 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     rng = np.random.default_rng(seed)
     u = rng.uniform
     p = {**PROBABILITIES, **{k: v for k, v in (prob or {}).items() if k in PROBABILITIES}}
-    on = {name: bool(rng.random() < p[name]) for name in PROBABILITIES if name not in LATE_DRAWS}  # forced or not
+    on = {name: bool(rng.random() < p[name]) for name in PROBABILITIES  # forced or not
+          if name not in LATE_DRAWS and name != "split_bolus"}
     late = np.random.default_rng([seed, LATE_STREAM])
     on |= {name: bool(late.random() < p[name]) for name in LATE_DRAWS}
+    split = np.random.default_rng([seed, SPLIT_BOLUS_STREAM])
+    on["split_bolus"] = bool(split.random() < p["split_bolus"])
     atlas = atlases[int(rng.integers(len(atlases)))]
     phases = phase_probabilities(prob)
     drawn = str(rng.choice(list(phases), p=list(phases.values())))
@@ -986,6 +994,8 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     urine = URINE[phase]
     # Domain randomisation: each tissue +-15 HU beyond its phase's range (docs/phantom.md, "Calibration").
     hu_of = {k: _tissue(rng, v) + u(-15, 15) for k, v in PHASES[phase].items()}
+    if phase == "excretory" and on["split_bolus"]:
+        hu_of |= {k: _tissue(split, PHASES["nephrographic"][k]) + split.uniform(-15, 15) for k in SPLIT_BOLUS_TISSUES}
     if on["fatty_liver"]:  # steatosis: the liver at least 10 HU under the spleen
         hu_of["liver"] = min(hu_of["liver"], hu_of["spleen"]) - u(10, 45)
     found: dict = {"phase": phase, "on": on}

@@ -149,3 +149,22 @@ def test_atlas_stream_without_atlas_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="--phantom mixed needs --atlas FOLDER"):
         train.main(train.parse_args(args))
     assert not (tmp_path / "x").exists()
+
+
+def test_split_bolus_excretory_phantom_enhances_as_nephrographic_and_changes_nothing_else(atlas_dir):
+    """split_bolus (off by default) makes an excretory phantom's kidneys, vessels, liver and spleen enhance as in
+    the nephrographic phase, urine still excreted; the organs, their labels and every other phantom stay the same."""
+    atlases = atlas_phantom.load_sources(str(atlas_dir))[0]
+    assert atlas_phantom.PROBABILITIES["split_bolus"] == 0.0
+    for seed in range(2):
+        plain, split = {}, {}
+        _, label, _ = make_atlas_phantom(seed, atlases, (8.0,) * 3, phase="excretory", info=plain)
+        _, label_split, _ = make_atlas_phantom(seed, atlases, (8.0,) * 3, phase="excretory",
+                                               prob={"split_bolus": 1.0}, info=split)
+        assert np.array_equal(label, label_split) and split["on"]["split_bolus"] and not plain["on"]["split_bolus"]
+        kidney = ((label == 2) | (label == 3)) & ~split["collecting"]
+        assert 135 <= np.median(split["painted"][kidney]) <= 265  # nephrographic cortex and medulla, +-15 HU
+        assert np.median(split["painted"][split["collecting"]]) >= 300  # excreted contrast
+        hu, _, _ = make_atlas_phantom(seed, atlases, (8.0,) * 3, phase="portal")
+        hu_split, _, _ = make_atlas_phantom(seed, atlases, (8.0,) * 3, phase="portal", prob={"split_bolus": 1.0})
+        assert np.array_equal(hu, hu_split)  # only an excretory phantom changes
