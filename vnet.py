@@ -81,6 +81,7 @@ WGRAD_ROUTE = "auto"  # "auto": time both routes once per shape; "rule": the siz
 SWAPPED_WGRAD_MAX_VOXELS = 24**3  # rule: per sample and channel; smaller maps use the swapped weight gradient
 SWAPPED_WGRAD_MAX_OUT = 8  # rule: and so do outputs with fewer channels than this, at any size
 FEW_OUT_CHANNELS = 8  # CPU float32: convolutions with fewer outputs (the 5-class head) split their depth taps
+TINY_MAP_VOXELS = 8  # CPU float32 training: maps of at most this many voxels a sample (the 2^3 bottom) use one GEMM
 WGRAD_TIMING_REPEATS = 2  # auto: timed passes per route after one warm-up; the fastest pass counts
 _wgrad_choice: dict[tuple, bool] = {}  # auto: (shape, dtype, layout, layer, threads) -> swapped is faster
 
@@ -196,33 +197,61 @@ def _depth_split_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     whose output channels are the O outputs times the kD depth taps, (1, kH, kW) kernel, then the kD
     depth-shifted slices summed. oneDNN vectorises over output channels: O = 5 (the 5-class head)
     fills a third of its vectors, O x kD = 25 fills most of two (0.30 -> 0.21 s forward and backward
-    for a 32 -> 5 channel 5^3 head on 2 x 32^3, one thread). The same sum in another order."""
+    for a 32 -> 5 channel 5^3 head on 2 x 32^3, one thread). The same sum in another order; the depth
+    padding is never convolved (its taps add zeros), which saves a padded copy and kD - 1 slices' work."""
     out, _, kd = weight.shape[:3]
     pd, ph, pw = padding
     taps = weight.permute(2, 0, 1, 3, 4).reshape(kd * out, weight.shape[1], 1, *weight.shape[3:])
-    z = F.conv3d(F.pad(x, (0, 0, 0, 0, pd, pd)), taps, padding=(0, ph, pw))
-    depth = z.shape[2] - kd + 1
-    y = z[:, :out, :depth]
-    for d in range(1, kd):
-        y = y + z[:, d * out:(d + 1) * out, d:d + depth]
+    z = F.conv3d(x, taps, padding=(0, ph, pw))
+    # Depth padding is left out rather than convolved: tap d of output slice t meets input slice t + d - pd,
+    # and the slices it would meet in the padding add exact zeros. Summed from zero in tap order, as before.
+    depth = x.shape[2] + 2 * pd - kd + 1
+    y = z.new_zeros((z.shape[0], out, depth, *z.shape[3:]))
+    for d in range(kd):
+        shift = d - pd
+        lo, hi = max(0, -shift), min(depth, x.shape[2] - shift)
+        if hi > lo:
+            y[:, :, lo:hi] += z[:, d * out:(d + 1) * out, lo + shift:hi + shift]
     return y if bias is None else y + bias.view(1, -1, 1, 1, 1)
+
+
+def _tiny_map_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     padding: tuple[int, int, int]) -> torch.Tensor:
+    """conv3d(x, weight, bias, stride 1, zero padding) of a map of a few voxels (N, I, D, H, W) as one
+    matrix product: each output voxel's receptive field at the kernel's full size, gathered from the
+    padded map (the taps that fall on padding gather zeros), times the weight viewed as
+    (O, I * kD * kH * kW). Cutting the kernel to its reachable taps (_reachable_taps) would copy the
+    weight every step and fill a zeroed full-size gradient; here the weight is a view and its gradient
+    comes out of one matrix product at full size. Returns (N, O, D', H', W'), contiguous."""
+    n = x.shape[0]
+    kd, kh, kw = weight.shape[2:]
+    pd, ph, pw = padding
+    cols = F.pad(x, (pw, pw, ph, ph, pd, pd)).unfold(2, kd, 1).unfold(3, kh, 1).unfold(4, kw, 1)
+    grid = cols.shape[2:5]
+    cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(n * grid.numel(), -1)
+    w = weight.reshape(weight.shape[0], -1).t()
+    y = cols @ w if bias is None else torch.addmm(bias, cols, w)
+    return y.view(n, *grid, -1).permute(0, 4, 1, 2, 3).contiguous()
 
 
 class Conv3d(nn.Conv3d):
     """nn.Conv3d (same parameters, same function, the same values up to the order of float sums).
     With stride 1 and zero padding it drops kernel taps that can only meet the padding
-    (_reachable_taps); on a CPU in float32 a convolution with fewer than FEW_OUT_CHANNELS outputs
-    takes _depth_split_conv3d, and when training the others take the swapped weight gradient of
-    _SwappedWeightGradConv3d where that is the faster one."""
+    (_reachable_taps), except when training on a CPU in float32 on a map of at most TINY_MAP_VOXELS
+    voxels, which takes one matrix product (_tiny_map_conv3d). On a CPU in float32 a convolution with
+    fewer than FEW_OUT_CHANNELS outputs takes _depth_split_conv3d, and when training the others take
+    the swapped weight gradient of _SwappedWeightGradConv3d where that is the faster one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (x.dim() == 5 and self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) and self.groups == 1
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
             return super().forward(x)
-        weight, padding = _reachable_taps(self.weight, tuple(self.padding), x.shape[2:])
         # Under CPU autocast (bf16) the routes below would meet bf16 gradients and float32 weights.
         cpu_float32 = (x.device.type == "cpu" and x.dtype == torch.float32
                        and not torch.is_autocast_enabled("cpu"))
+        if cpu_float32 and torch.is_grad_enabled() and x.shape[2:].numel() <= TINY_MAP_VOXELS:
+            return _tiny_map_conv3d(x, self.weight, self.bias, tuple(self.padding))
+        weight, padding = _reachable_taps(self.weight, tuple(self.padding), x.shape[2:])
         if cpu_float32 and self.out_channels < FEW_OUT_CHANNELS and weight.shape[2] > 1:
             return _depth_split_conv3d(x, weight, self.bias, padding)
         if cpu_float32 and torch.is_grad_enabled() and self.weight.requires_grad:

@@ -71,12 +71,14 @@ def test_swapped_weight_gradient_equals_torch(cin, cout, side, kernel, bias, cha
 @pytest.mark.parametrize("cin,cout,shape,kernel,bias,route", [
     (6, 5, (9, 10, 11), 5, True, "depth split"),   # the 5-class head
     (3, 2, (6, 7, 5), 3, False, "depth split"),
-    (8, 8, (2, 2, 2), 5, False, "taps cut"),       # a 2^3 bottom stage under 5^3 kernels
+    (8, 8, (2, 2, 2), 5, False, "taps cut"),       # a 2^3 bottom stage under 5^3 kernels (training: one GEMM)
+    (6, 4, (2, 3, 2), 5, True, "taps cut"),        # 12 voxels: the cut kernel when training too
     (4, 3, (1, 3, 2), 5, True, "both"),            # cut in depth and width, then split
 ])
 def test_depth_split_and_cut_taps_equal_torch(cin, cout, shape, kernel, bias, route, monkeypatch):
-    """The head's depth-split convolution and the kernel cut to the taps a thin map can reach give
-    torch's outputs and gradients (float64 reference), for any weight-gradient route."""
+    """The head's depth-split convolution, the kernel cut to the taps a thin map can reach and the one
+    matrix product of a tiny map give torch's outputs and gradients (float64 reference), for any
+    weight-gradient route."""
     import vnet
 
     monkeypatch.setattr(vnet, "WGRAD_ROUTE", "rule")
@@ -99,6 +101,22 @@ def test_depth_split_and_cut_taps_equal_torch(cin, cout, shape, kernel, bias, ro
             results.append((out.detach(), *((xi.grad, *(p.grad for p in layer.parameters())) if grad else ())))
         for ours, exact in zip(*results):
             torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
+
+
+def test_tiny_maps_train_through_one_matrix_product(monkeypatch):
+    """A 2^3 map takes _tiny_map_conv3d when training in float32 (the weight never copied), the cut
+    kernel otherwise; a larger map never takes it."""
+    import vnet
+
+    calls = []
+    tiny = vnet._tiny_map_conv3d
+    monkeypatch.setattr(vnet, "_tiny_map_conv3d", lambda *a: calls.append(a[0].shape) or tiny(*a))
+    conv = vnet.Conv3d(4, 4, 5, padding=2)
+    conv(torch.randn(2, 4, 2, 2, 2))
+    with torch.no_grad():
+        conv(torch.randn(2, 4, 2, 2, 2))
+    conv(torch.randn(2, 4, 2, 2, 3))
+    assert calls == [torch.Size([2, 4, 2, 2, 2])]
 
 
 def small_vnet_gradients():
