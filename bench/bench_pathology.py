@@ -48,6 +48,9 @@ ROWS = {
     # Last, so the rows above keep their seeds: the mass in an unenhanced scan, where the liver is
     # only 30-40 HU above a cyst (the real-CT mass row of bench_robustness.py fails there).
     "mass_native": ("native", ("mass",), "mass"),
+    # After it for the same reason: a split-bolus CT urography, the kidneys enhancing as in the nephrographic
+    # phase while excreted contrast fills their collecting systems.
+    "excretory_split": ("excretory", ("split_bolus",), "collecting"),
 }
 
 
