@@ -22,7 +22,7 @@ Rows (each input built from the original NIfTI; the exact recipe is printed and 
   excretory    the kidneys' collecting systems filled with excreted contrast, as in CT urography: every
                voxel inside the reference kidneys under 100 HU (urine in the calyces and pelvis within the
                kidney's outline, and the sinus fat there) and at least 2 mm from the outline set to 1200 HU,
-               plus Gaussian noise of 60 HU (default_rng(0), over the kidneys' bounding box); labelled kidney,
+               plus Gaussian noise of 60 HU (default_rng(0), over the filled voxels' bounding box); labelled kidney,
                as the references label the inside of the outline; also scored: the share of those voxels
                not labelled as their kidney. Only for a scan whose kidneys enhance (reference kidneys' median
                at least 100 HU): in an unenhanced scan urine and parenchyma cannot be told apart by HU, and
