@@ -70,6 +70,9 @@ PROBABILITIES = {
     # Given the excretory phase: a split-bolus CT urography, whose kidneys, vessels, liver and spleen enhance as in
     # the nephrographic phase while excreted contrast fills the collecting systems. Off unless asked for.
     "split_bolus": 0.0,
+    # The renal sinus open through the hilum, the pelvis leaving the kidney there (as in real kidneys), instead of
+    # closed inside the parenchyma. Off unless asked for.
+    "open_hilum": 0.0,
 }
 # Small-bowel and colon wall per phase: the jejunum's mucosa enhances as much as the spleen in the
 # portal phase (IRCAD patient 1: 106 HU median, 86..118 p25..p75, in the loops beside its spleen and
@@ -82,6 +85,8 @@ LATE_DRAWS = ("mass_margin",)
 LATE_STREAM = 2  # their stream: default_rng([seed, LATE_STREAM]); [seed, 1] is phantom_volume's slice profile
 SPLIT_BOLUS_STREAM = 3  # split_bolus and its tissues: default_rng([seed, SPLIT_BOLUS_STREAM]), changing no other draw
 SPLIT_BOLUS_TISSUES = ("liver", "spleen", "cortex", "medulla", "aorta", "vein")
+OPEN_HILUM_STREAM = 4  # open_hilum and its sizes: default_rng([seed, OPEN_HILUM_STREAM]), changing no other draw
+OWN_STREAMS = ("split_bolus", "open_hilum")
 PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
 MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
              "KiTS23 maps (case_XXXXX.nii.gz)")
@@ -324,10 +329,13 @@ def _surface(c: Canvas, mask: np.ndarray) -> np.ndarray:
 
 
 def _paint_kidney(c: Canvas, organs: np.ndarray, value: int, rng: np.random.Generator, hu_of: dict,
-                  urine_hu: tuple[float, float], spine_x: float, spine_y: float) -> tuple[np.ndarray | None, np.ndarray]:
+                  urine_hu: tuple[float, float], spine_x: float, spine_y: float,
+                  hilum_rng: np.random.Generator | None = None) -> tuple[np.ndarray | None, np.ndarray]:
     """Cortex (a 4-8 mm rim, brighter in arterial and portal phase) around medulla, and the renal
     sinus: its deep part on the hilum's side (medial, anterior), fat holding the calyces and the
-    renal pelvis, which hold urine (bright excreted contrast in the excretory phase). All of it keeps
+    renal pelvis, which hold urine (bright excreted contrast in the excretory phase). Given hilum_rng
+    (open_hilum), the sinus opens through the hilum: a channel of sinus fat (7-12 mm radius) around the
+    pelvis (3-6 mm), from the pelvis's centre to the kidney's surface toward the spine. All of it keeps
     the kidney's label (docs/phantom.md, "Labelling conventions"). Returns the pelvis's exit at the
     hilum (world mm, None without a sinus) and the collecting system's mask (grid shape, bool)."""
     u = rng.uniform
@@ -349,17 +357,32 @@ def _paint_kidney(c: Canvas, organs: np.ndarray, value: int, rng: np.random.Gene
     sinus = sub & (depth > u(5, 9)) & (toward > -u(0, 8))
     if sinus.sum() < 4:
         return None, collecting
-    hu[sinus] = u(-100, -30) if rng.random() < 0.8 else u(-30, 10)  # sinus fat, fibrous in some
+    sinus_hu = u(-100, -30) if rng.random() < 0.8 else u(-30, 10)  # sinus fat, fibrous in some
+    hu[sinus] = sinus_hu
     # The pelvis fills the sinus's medial third, calyces branch from it toward the medulla.
     pelvis = sinus & (toward > np.quantile(toward[sinus], u(0.5, 0.75)))
     if not pelvis.any():  # a sinus one column wide across the hilum's direction: no medial third to take
         pelvis = sinus & (toward >= toward[sinus].max())
     calyces = sinus & (np.abs(_smooth_noise(rng, sub.shape, 6)) < u(0.08, 0.2))
     system = pelvis | calyces
+    outlet, gap = pelvis, 8.0
+    if hilum_rng is not None:  # no parenchyma between the pelvis and the hilum's fat: the sinus opens there
+        start = _world(c, np.argwhere(pelvis) + [s.start for s in box]).mean(0)
+        gz = _coords(c, box)[2]
+        rel = (gx - start[0], gy - start[1], gz - start[2])
+        along = rel[0] * hilum[0] + rel[1] * hilum[1]
+        across = np.sqrt((rel[0] - along * hilum[0]) ** 2 + (rel[1] - along * hilum[1]) ** 2 + rel[2] ** 2)
+        ahead = sub & (along > 0)
+        fat_r, pelvis_r = hilum_rng.uniform(7, 12), hilum_rng.uniform(3, 6)
+        hu[ahead & (across < fat_r)] = sinus_hu
+        outlet = ahead & (across < pelvis_r)
+        system |= outlet
+        toward = np.broadcast_to(along, sub.shape)
+        outlet, gap = (outlet, 2.0) if outlet.any() else (pelvis, 8.0)
     hu[system] = u(*urine_hu) * (1 + 0.1 * _smooth_noise(rng, sub.shape, 4)[system])
     collecting[box] = system
-    exit_idx = np.argwhere(pelvis)[np.argmax(toward[pelvis])]
-    return _world(c, (exit_idx + [s.start for s in box])[None])[0] + hilum * 8, collecting
+    exit_idx = np.argwhere(outlet)[np.argmax(toward[outlet])]
+    return _world(c, (exit_idx + [s.start for s in box])[None])[0] + hilum * gap, collecting
 
 
 def _paint_tube(c: Canvas, rng: np.random.Generator, points: list[np.ndarray], radius: float, hu: float,
@@ -982,11 +1005,13 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     u = rng.uniform
     p = {**PROBABILITIES, **{k: v for k, v in (prob or {}).items() if k in PROBABILITIES}}
     on = {name: bool(rng.random() < p[name]) for name in PROBABILITIES  # forced or not
-          if name not in LATE_DRAWS and name != "split_bolus"}
+          if name not in LATE_DRAWS and name not in OWN_STREAMS}
     late = np.random.default_rng([seed, LATE_STREAM])
     on |= {name: bool(late.random() < p[name]) for name in LATE_DRAWS}
     split = np.random.default_rng([seed, SPLIT_BOLUS_STREAM])
     on["split_bolus"] = bool(split.random() < p["split_bolus"])
+    opening = np.random.default_rng([seed, OPEN_HILUM_STREAM])
+    on["open_hilum"] = bool(opening.random() < p["open_hilum"])
     atlas = atlases[int(rng.integers(len(atlases)))]
     phases = phase_probabilities(prob)
     drawn = str(rng.choice(list(phases), p=list(phases.values())))
@@ -1104,7 +1129,8 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     exits = {}
     found["collecting"] = np.zeros(grid.shape, bool)
     for v in (2, 13):
-        exits[v], system = _paint_kidney(c, organs, v, rng, hu_of, urine, 0.0, spine_y)
+        exits[v], system = _paint_kidney(c, organs, v, rng, hu_of, urine, 0.0, spine_y,
+                                         opening if on["open_hilum"] else None)
         found["collecting"] |= system
     hu[pasted] = saved  # the pasted renal lesion's intrarenal part
     found["collecting"] &= ~pasted

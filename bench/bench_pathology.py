@@ -51,6 +51,8 @@ ROWS = {
     # After it for the same reason: a split-bolus CT urography, the kidneys enhancing as in the nephrographic
     # phase while excreted contrast fills their collecting systems.
     "excretory_split": ("excretory", ("split_bolus",), "collecting"),
+    # The renal sinus open through the hilum, excreted contrast reaching the kidney's surface there.
+    "excretory_hilum": ("excretory", ("open_hilum",), "collecting"),
 }
 
 

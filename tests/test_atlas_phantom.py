@@ -168,3 +168,32 @@ def test_split_bolus_excretory_phantom_enhances_as_nephrographic_and_changes_not
         hu, _, _ = make_atlas_phantom(seed, atlases, (8.0,) * 3, phase="portal")
         hu_split, _, _ = make_atlas_phantom(seed, atlases, (8.0,) * 3, phase="portal", prob={"split_bolus": 1.0})
         assert np.array_equal(hu, hu_split)  # only an excretory phantom changes
+
+
+def test_open_hilum_opens_the_collecting_system_to_the_kidney_surface_and_changes_nothing_else(atlas_dir):
+    """open_hilum (off by default) carries the sinus and the pelvis through to the kidney's surface toward the
+    spine, keeping the kidney's label; a closed sinus stays at least 5 mm inside it; labels and other draws stay."""
+    from scipy import ndimage
+
+    atlases = atlas_phantom.load_sources(str(atlas_dir))[0]
+    assert atlas_phantom.PROBABILITIES["open_hilum"] == 0.0
+    reached = 0
+    for seed in range(2):
+        closed, opened = {}, {}
+        _, label, _ = make_atlas_phantom(seed, atlases, (3.0,) * 3, phase="excretory", info=closed)
+        _, label_open, _ = make_atlas_phantom(seed, atlases, (3.0,) * 3, phase="excretory",
+                                                    prob={"open_hilum": 1.0}, info=opened)
+        assert np.array_equal(label, label_open) and opened["on"]["open_hilum"] and not closed["on"]["open_hilum"]
+        assert (opened["collecting"] | ~closed["collecting"]).all()  # the closed system is kept, and grown
+        for value in (2, 3):
+            kidney = label == value
+            if not (closed["collecting"] & kidney).any():
+                continue
+            depth = ndimage.distance_transform_edt(np.pad(kidney, 1), sampling=3.0)[1:-1, 1:-1, 1:-1]
+            assert depth[closed["collecting"] & kidney].min() >= 5.0
+            reached += depth[opened["collecting"] & kidney].min() <= 3.0  # the outermost voxel: the hilum
+            assert (label[opened["collecting"]] > 0).all()  # kidney, as the rest of the collecting system
+        hu_portal, _, _ = make_atlas_phantom(seed, atlases, (4.0,) * 3, phase="portal")
+        hu_portal_plain, _, _ = make_atlas_phantom(seed, atlases, (4.0,) * 3, phase="portal", prob={"open_hilum": 0.0})
+        assert np.array_equal(hu_portal, hu_portal_plain)
+    assert reached >= 2
