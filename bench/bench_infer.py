@@ -15,7 +15,8 @@ over the same preprocessed grid: the output gives each side's window and window 
 when a window was clipped to the scan or when the counts differ. The model has random weights
 unless --checkpoint is given (fine for timing); the masks of both pipelines are compared (Dice per
 organ, voxel agreement). Post-processing is off in ours so both do the same job. Prints a table and
-one JSON line (every repeat, the machine, the commit, the date).
+one JSON line (every repeat, the machine, the commit, the date). Both run on the same number of
+threads (--threads; by default infer.py's own, two per core).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--sw-batch", type=int, default=1, help="windows per network call")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of both pipelines (0: infer.py's default, two per core)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each pipeline, interleaved")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each pipeline first")
     p.add_argument("--only", default="", choices=["", "ours", "monai"], help="run one pipeline only")
@@ -253,17 +255,17 @@ def describe_windows(results: dict, window: int) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> dict:
-    import torch
-
     if args.worker:
         result = run_ours(args) if args.worker == "ours" else run_monai(args)
         print(json.dumps(result))
         return result
     kinds = [k for k in ("ours", "monai") if not args.only or args.only == k]
-    threads = args.threads or torch.get_num_threads()
     from infer import default_threads
 
-    ours_threads = args.threads or default_threads()
+    # Both pipelines on the same threads: MONAI on torch's default (one per core) beside ours on two per core
+    # lost more to a busy neighbour than ours did, and the sliding-window ratio moved with the load.
+    args.threads = args.threads or default_threads()
+    threads = ours_threads = args.threads
     prov = provenance(threads)
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
