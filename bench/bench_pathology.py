@@ -13,6 +13,8 @@ four organs are scored by Dice, and the row's own structure by what the model ma
   mass        share of the extra-organ mass (labelled background) painted as an organ, %
   excretory   share of the contrast-filled collecting system (labelled kidney) missed, %
   lesions     share of the lesions inside the organs (labelled organ) missed, %
+  renal_mass  share of a real renal tumour's or cyst's part inside the kidney (labelled kidney) missed, %;
+              the shapes are KiTS23's, so the row runs only with KiTS23 maps among --atlas
 
 An organ with less than --min-ml in view (a sliver where the grid cuts it) is not scored. Every
 checkpoint segments the same phantoms (infer.Segmenter: default inference, largest component
@@ -53,6 +55,8 @@ ROWS = {
     "excretory_split": ("excretory", ("split_bolus",), "collecting"),
     # The renal sinus open through the hilum, excreted contrast reaching the kidney's surface there.
     "excretory_hilum": ("excretory", ("open_hilum",), "collecting"),
+    # A real renal tumour or cyst (a KiTS23 shape) on a kidney: its exophytic part background, the rest kidney.
+    "renal_mass": ("portal", ("renal_mass",), "renal_mass"),
 }
 
 
@@ -74,10 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def structure_score(kind: str | None, pred: np.ndarray, label: np.ndarray, info: dict) -> float | None:
     """The row's own structure: % of the mass painted as organ, or % of the collecting system or
-    lesions (labelled as their organ) missed; None where the row has none or none was painted."""
+    lesions (labelled as their organ) or renal tumour inside the kidney missed; None where the row has none
+    or none was painted."""
     if kind is None or not info[kind].any():
         return None
-    where = info[kind]
+    where = info[kind] & (label > 0) if kind == "renal_mass" else info[kind]
+    if not where.any():
+        return None
     if kind == "mass":
         return 100.0 * float((pred[where] > 0).mean())
     return 100.0 * float((pred[where] != label[where]).mean())
@@ -89,7 +96,7 @@ def main(args: argparse.Namespace) -> dict:
     from utils import ORGANS, dice_per_organ, label_counts
 
     checkpoints = [c for c in args.checkpoints.split(",") if c]
-    atlases, _ = load_sources(args.atlas)
+    atlases, shapes = load_sources(args.atlas)
     segmenters = {c: Segmenter(Path(c), torch.device("cpu")) for c in checkpoints}
     names = {c: Path(c).parent.name + "/" + Path(c).name if Path(c).name == "last.pt" else Path(c).name
              for c in checkpoints}
@@ -101,12 +108,15 @@ def main(args: argparse.Namespace) -> dict:
             sys.exit(f"error: --rows {row}: no such row; rows: {', '.join(ROWS)}")
         r = list(ROWS).index(row)  # a row's phantoms are the same whichever rows run with it
         phase, forced, kind = ROWS[row]
+        if "renal_mass" in forced and not shapes:
+            print(f"{row:15s} not run: it needs KiTS23 label maps (renal tumour shapes) among --atlas", flush=True)
+            continue
         prob = {name: float(name in forced) for name in PROBABILITIES}
         per = {c: {"dice": {o: [] for o in ORGANS}, "structure": []} for c in checkpoints}
         for i in range(args.cases):
             info: dict = {}
             hu, label, affine = make_atlas_phantom(10**9 + 1000 * r + i, atlases, (args.spacing,) * 3, 2.5,
-                                                   prob=prob, phase=phase, info=info)
+                                                   lesions=shapes, prob=prob, phase=phase, info=info)
             # an organ the phantom lacks (a missing kidney), or a sliver of one at the grid's edge, is not scored:
             # the Dice of 15 mL of liver says nothing about the phenomenon
             counts = label_counts(label)
@@ -138,7 +148,8 @@ def main(args: argparse.Namespace) -> dict:
               "min_ml": args.min_ml, "organs_skipped_as_slivers": skipped, "commit": commit.strip(),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}"}
-    what = {"mass": "mass painted as organ", "collecting": "collecting system missed", "lesions": "lesions missed"}
+    what = {"mass": "mass painted as organ", "collecting": "collecting system missed", "lesions": "lesions missed",
+            "renal_mass": "renal tumour missed"}
     lines = ["| row | checkpoint | liver | right kidney | left kidney | spleen | own structure |",
              "|---|---|---|---|---|---|---|"]
     for x in results:

@@ -60,3 +60,24 @@ def test_bench_pathology_scores_each_checkpoint_on_the_same_held_out_phantoms(tm
     assert a["structure_kind"] == "mass" and len(a["structure"]) == 1 and 0 <= a["structure"][0] <= 100
     assert report["min_ml"] == 20 and report["organs_skipped_as_slivers"] >= 0
     assert (tmp_path / "pathology.json").is_file() and "mass painted as organ" in (tmp_path / "pathology.md").read_text()
+
+
+@needs_real
+def test_bench_pathology_renal_mass_row_needs_kits23_shapes_and_scores_the_intrarenal_part(tmp_path, capsys):
+    """The renal_mass row pastes a real KiTS23 shape and scores its part inside the kidney; without KiTS23 maps among
+    --atlas it says why it did not run and writes no row."""
+    from bench.bench_pathology import main, parse_args
+
+    shipped = str(ROOT / "checkpoints" / "phantom_small.pt")
+    atlas = tmp_path / "atlas"
+    atlas.mkdir()
+    (atlas / "FLARE22_Tr_0001.nii.gz").symlink_to(REAL / "flare22_labels" / "FLARE22_Tr_0001.nii.gz")
+    args = ["--checkpoints", shipped, "--rows", "renal_mass", "--cases", "1", "--spacing", "4", "--out", str(tmp_path)]
+    assert main(parse_args(args + ["--atlas", str(atlas)]))["rows"] == []
+    assert "needs KiTS23 label maps" in capsys.readouterr().out
+    kits = tmp_path / "kits"
+    kits.mkdir()
+    (kits / "case_00002.nii.gz").symlink_to(REAL / "kits23_labels" / "case_00002.nii.gz")
+    (row,) = main(parse_args(args + ["--atlas", f"{atlas},{kits}"]))["rows"]
+    assert row["structure_kind"] == "renal_mass" and len(row["structure"]) == 1 and 0 <= row["structure"][0] <= 100
+    assert "renal tumour missed" in (tmp_path / "pathology.md").read_text()
