@@ -73,6 +73,9 @@ PROBABILITIES = {
     # The renal sinus open through the hilum, the pelvis leaving the kidney there (as in real kidneys), instead of
     # closed inside the parenchyma. Off unless asked for.
     "open_hilum": 0.0,
+    # The kidneys' fat capsule 0-3 mm thick instead of 3-12 (a lean patient's): bowel, muscle and the other organs
+    # come up against the kidney, as around the real IRCAD kidneys. Off unless asked for.
+    "thin_perirenal": 0.0,
 }
 # Small-bowel and colon wall per phase: the jejunum's mucosa enhances as much as the spleen in the
 # portal phase (IRCAD patient 1: 106 HU median, 86..118 p25..p75, in the loops beside its spleen and
@@ -86,7 +89,8 @@ LATE_STREAM = 2  # their stream: default_rng([seed, LATE_STREAM]); [seed, 1] is 
 SPLIT_BOLUS_STREAM = 3  # split_bolus and its tissues: default_rng([seed, SPLIT_BOLUS_STREAM]), changing no other draw
 SPLIT_BOLUS_TISSUES = ("liver", "spleen", "cortex", "medulla", "aorta", "vein")
 OPEN_HILUM_STREAM = 4  # open_hilum and its sizes: default_rng([seed, OPEN_HILUM_STREAM]), changing no other draw
-OWN_STREAMS = ("split_bolus", "open_hilum")
+THIN_PERIRENAL_STREAM = 5  # thin_perirenal and its thickness: default_rng([seed, THIN_PERIRENAL_STREAM])
+OWN_STREAMS = ("split_bolus", "open_hilum", "thin_perirenal")
 PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
 MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
              "KiTS23 maps (case_XXXXX.nii.gz)")
@@ -1012,6 +1016,8 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     on["split_bolus"] = bool(split.random() < p["split_bolus"])
     opening = np.random.default_rng([seed, OPEN_HILUM_STREAM])
     on["open_hilum"] = bool(opening.random() < p["open_hilum"])
+    lean = np.random.default_rng([seed, THIN_PERIRENAL_STREAM])
+    on["thin_perirenal"] = bool(lean.random() < p["thin_perirenal"])
     atlas = atlases[int(rng.integers(len(atlases)))]
     phases = phase_probabilities(prob)
     drawn = str(rng.choice(list(phases), p=list(phases.values())))
@@ -1113,11 +1119,15 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     saved = c.hu[pasted]
 
     hu = c.hu
-    # Perirenal fat: the kidneys sit in a fat capsule 3-12 mm thick, the retroperitoneum's sharpest cue.
+    # Perirenal fat: the kidneys sit in a fat capsule 3-12 mm thick, the retroperitoneum's sharpest cue; 0-3 mm
+    # in a lean patient (thin_perirenal), where the cue is mostly gone.
     kidneys = (organs == 2) | (organs == 13)
     found["perirenal"] = np.zeros(grid.shape, bool)
     if kidneys.any():
-        found["perirenal"] = (_depth(kidneys, grid.spacing, outside=True, reach_mm=12.0) < u(3, 12)) & (organs == 0) & cavity
+        thick = u(3, 12)
+        if on["thin_perirenal"]:
+            thick = lean.uniform(0, 3)
+        found["perirenal"] = (_depth(kidneys, grid.spacing, outside=True, reach_mm=12.0) < thick) & (organs == 0) & cavity
         hu[found["perirenal"]] = u(-110, -70)
     tex = _smooth_noise(rng, grid.shape, 8)
     liver = organs == 1

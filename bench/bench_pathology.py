@@ -57,6 +57,8 @@ ROWS = {
     "excretory_hilum": ("excretory", ("open_hilum",), "collecting"),
     # A real renal tumour or cyst (a KiTS23 shape) on a kidney: its exophytic part background, the rest kidney.
     "renal_mass": ("portal", ("renal_mass",), "renal_mass"),
+    # A lean patient's kidneys: a fat capsule 0-3 mm thick, bowel and muscle against them.
+    "thin_perirenal": ("portal", ("thin_perirenal",), None),
 }
 
 
