@@ -197,3 +197,23 @@ def test_open_hilum_opens_the_collecting_system_to_the_kidney_surface_and_change
         hu_portal_plain, _, _ = make_atlas_phantom(seed, atlases, (4.0,) * 3, phase="portal", prob={"open_hilum": 0.0})
         assert np.array_equal(hu_portal, hu_portal_plain)
     assert reached >= 2
+
+
+def test_thin_perirenal_thins_the_kidneys_fat_capsule_and_changes_nothing_else(atlas_dir):
+    """thin_perirenal (off by default) paints the perirenal fat 0-3 mm thick instead of 3-12; labels and every other
+    draw stay the same."""
+    from scipy import ndimage
+
+    atlases = atlas_phantom.load_sources(str(atlas_dir))[0]
+    assert atlas_phantom.PROBABILITIES["thin_perirenal"] == 0.0
+    plain, lean = {}, {}
+    _, label, _ = make_atlas_phantom(0, atlases, (2.0,) * 3, phase="portal", info=plain)
+    _, label_lean, _ = make_atlas_phantom(0, atlases, (2.0,) * 3, phase="portal", prob={"thin_perirenal": 1.0},
+                                          info=lean)
+    assert np.array_equal(label, label_lean) and lean["on"]["thin_perirenal"] and not plain["on"]["thin_perirenal"]
+    away = ndimage.distance_transform_edt((label != 2) & (label != 3), sampling=2.0)
+    assert (away[plain["perirenal"]] < 12.0).all() and (away[lean["perirenal"]] < 3.0).all()
+    assert lean["perirenal"].sum() < plain["perirenal"].sum()
+    hu, _, _ = make_atlas_phantom(1, atlases, (4.0,) * 3, phase="native")
+    hu_plain, _, _ = make_atlas_phantom(1, atlases, (4.0,) * 3, phase="native", prob={"thin_perirenal": 0.0})
+    assert np.array_equal(hu, hu_plain)
