@@ -49,8 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--sw-batch", type=int, default=1, help="windows per network call")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads of both pipelines (0: infer.py's default, two per core)")
+    p.add_argument("--threads", type=int, default=0, help="threads of both pipelines (0: infer.py's default)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each pipeline, interleaved")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each pipeline first")
     p.add_argument("--only", default="", choices=["", "ours", "monai"], help="run one pipeline only")

@@ -151,17 +151,23 @@ def test_atlas_stream_without_atlas_is_one_clear_error(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def _with_and_without(atlases, name: str, seed: int, spacing: float, phase: str) -> tuple[np.ndarray, dict, dict]:
+    """The same phantom with the phenomenon `name` off (its default) and forced on: the label map (the same for
+    both), and each one's info."""
+    assert atlas_phantom.PROBABILITIES[name] == 0.0
+    plain, forced = {}, {}
+    _, label, _ = make_atlas_phantom(seed, atlases, (spacing,) * 3, phase=phase, info=plain)
+    _, label_forced, _ = make_atlas_phantom(seed, atlases, (spacing,) * 3, phase=phase, prob={name: 1.0}, info=forced)
+    assert np.array_equal(label, label_forced) and forced["on"][name] and not plain["on"][name]
+    return label, plain, forced
+
+
 def test_split_bolus_excretory_phantom_enhances_as_nephrographic_and_changes_nothing_else(atlas_dir):
     """split_bolus (off by default) makes an excretory phantom's kidneys, vessels, liver and spleen enhance as in
     the nephrographic phase, urine still excreted; the organs, their labels and every other phantom stay the same."""
     atlases = atlas_phantom.load_sources(str(atlas_dir))[0]
-    assert atlas_phantom.PROBABILITIES["split_bolus"] == 0.0
     for seed in range(2):
-        plain, split = {}, {}
-        _, label, _ = make_atlas_phantom(seed, atlases, (8.0,) * 3, phase="excretory", info=plain)
-        _, label_split, _ = make_atlas_phantom(seed, atlases, (8.0,) * 3, phase="excretory",
-                                               prob={"split_bolus": 1.0}, info=split)
-        assert np.array_equal(label, label_split) and split["on"]["split_bolus"] and not plain["on"]["split_bolus"]
+        label, _, split = _with_and_without(atlases, "split_bolus", seed, 8.0, "excretory")
         kidney = ((label == 2) | (label == 3)) & ~split["collecting"]
         assert 135 <= np.median(split["painted"][kidney]) <= 265  # nephrographic cortex and medulla, +-15 HU
         assert np.median(split["painted"][split["collecting"]]) >= 300  # excreted contrast
@@ -176,14 +182,9 @@ def test_open_hilum_opens_the_collecting_system_to_the_kidney_surface_and_change
     from scipy import ndimage
 
     atlases = atlas_phantom.load_sources(str(atlas_dir))[0]
-    assert atlas_phantom.PROBABILITIES["open_hilum"] == 0.0
     reached = 0
     for seed in range(2):
-        closed, opened = {}, {}
-        _, label, _ = make_atlas_phantom(seed, atlases, (3.0,) * 3, phase="excretory", info=closed)
-        _, label_open, _ = make_atlas_phantom(seed, atlases, (3.0,) * 3, phase="excretory",
-                                                    prob={"open_hilum": 1.0}, info=opened)
-        assert np.array_equal(label, label_open) and opened["on"]["open_hilum"] and not closed["on"]["open_hilum"]
+        label, closed, opened = _with_and_without(atlases, "open_hilum", seed, 3.0, "excretory")
         assert (opened["collecting"] | ~closed["collecting"]).all()  # the closed system is kept, and grown
         for value in (2, 3):
             kidney = label == value
@@ -205,12 +206,7 @@ def test_thin_perirenal_thins_the_kidneys_fat_capsule_and_changes_nothing_else(a
     from scipy import ndimage
 
     atlases = atlas_phantom.load_sources(str(atlas_dir))[0]
-    assert atlas_phantom.PROBABILITIES["thin_perirenal"] == 0.0
-    plain, lean = {}, {}
-    _, label, _ = make_atlas_phantom(0, atlases, (2.0,) * 3, phase="portal", info=plain)
-    _, label_lean, _ = make_atlas_phantom(0, atlases, (2.0,) * 3, phase="portal", prob={"thin_perirenal": 1.0},
-                                          info=lean)
-    assert np.array_equal(label, label_lean) and lean["on"]["thin_perirenal"] and not plain["on"]["thin_perirenal"]
+    label, plain, lean = _with_and_without(atlases, "thin_perirenal", 0, 2.0, "portal")
     away = ndimage.distance_transform_edt((label != 2) & (label != 3), sampling=2.0)
     assert (away[plain["perirenal"]] < 12.0).all() and (away[lean["perirenal"]] < 3.0).all()
     assert lean["perirenal"].sum() < plain["perirenal"].sum()
