@@ -86,11 +86,10 @@ BOWEL_WALL = {"native": (30, 50), "arterial": (60, 130), "portal": (80, 150), "n
 # phantom as before they existed (bench_pathology's held-out rows among them).
 LATE_DRAWS = ("mass_margin",)
 LATE_STREAM = 2  # their stream: default_rng([seed, LATE_STREAM]); [seed, 1] is phantom_volume's slice profile
-SPLIT_BOLUS_STREAM = 3  # split_bolus and its tissues: default_rng([seed, SPLIT_BOLUS_STREAM]), changing no other draw
+# Phenomena drawn, with their own tissues and sizes, from a stream each: default_rng([seed, n]). Whether they are
+# on or off changes no other draw, so a phantom without them is bit for bit the one drawn before they existed.
+OWN_STREAMS = {"split_bolus": 3, "open_hilum": 4, "thin_perirenal": 5}
 SPLIT_BOLUS_TISSUES = ("liver", "spleen", "cortex", "medulla", "aorta", "vein")
-OPEN_HILUM_STREAM = 4  # open_hilum and its sizes: default_rng([seed, OPEN_HILUM_STREAM]), changing no other draw
-THIN_PERIRENAL_STREAM = 5  # thin_perirenal and its thickness: default_rng([seed, THIN_PERIRENAL_STREAM])
-OWN_STREAMS = ("split_bolus", "open_hilum", "thin_perirenal")
 PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
 MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
              "KiTS23 maps (case_XXXXX.nii.gz)")
@@ -1012,12 +1011,8 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
           if name not in LATE_DRAWS and name not in OWN_STREAMS}
     late = np.random.default_rng([seed, LATE_STREAM])
     on |= {name: bool(late.random() < p[name]) for name in LATE_DRAWS}
-    split = np.random.default_rng([seed, SPLIT_BOLUS_STREAM])
-    on["split_bolus"] = bool(split.random() < p["split_bolus"])
-    opening = np.random.default_rng([seed, OPEN_HILUM_STREAM])
-    on["open_hilum"] = bool(opening.random() < p["open_hilum"])
-    lean = np.random.default_rng([seed, THIN_PERIRENAL_STREAM])
-    on["thin_perirenal"] = bool(lean.random() < p["thin_perirenal"])
+    own = {name: np.random.default_rng([seed, stream]) for name, stream in OWN_STREAMS.items()}
+    on |= {name: bool(own[name].random() < p[name]) for name in OWN_STREAMS}
     atlas = atlases[int(rng.integers(len(atlases)))]
     phases = phase_probabilities(prob)
     drawn = str(rng.choice(list(phases), p=list(phases.values())))
@@ -1026,6 +1021,7 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     # Domain randomisation: each tissue +-15 HU beyond its phase's range (docs/phantom.md, "Calibration").
     hu_of = {k: _tissue(rng, v) + u(-15, 15) for k, v in PHASES[phase].items()}
     if phase == "excretory" and on["split_bolus"]:
+        split = own["split_bolus"]
         hu_of |= {k: _tissue(split, PHASES["nephrographic"][k]) + split.uniform(-15, 15) for k in SPLIT_BOLUS_TISSUES}
     if on["fatty_liver"]:  # steatosis: the liver at least 10 HU under the spleen
         hu_of["liver"] = min(hu_of["liver"], hu_of["spleen"]) - u(10, 45)
@@ -1124,9 +1120,9 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     kidneys = (organs == 2) | (organs == 13)
     found["perirenal"] = np.zeros(grid.shape, bool)
     if kidneys.any():
-        thick = u(3, 12)
+        thick = u(3, 12)  # drawn either way, so that the main stream's later draws stay where they were
         if on["thin_perirenal"]:
-            thick = lean.uniform(0, 3)
+            thick = own["thin_perirenal"].uniform(0, 3)
         found["perirenal"] = (_depth(kidneys, grid.spacing, outside=True, reach_mm=12.0) < thick) & (organs == 0) & cavity
         hu[found["perirenal"]] = u(-110, -70)
     tex = _smooth_noise(rng, grid.shape, 8)
@@ -1140,7 +1136,7 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     found["collecting"] = np.zeros(grid.shape, bool)
     for v in (2, 13):
         exits[v], system = _paint_kidney(c, organs, v, rng, hu_of, urine, 0.0, spine_y,
-                                         opening if on["open_hilum"] else None)
+                                         own["open_hilum"] if on["open_hilum"] else None)
         found["collecting"] |= system
     hu[pasted] = saved  # the pasted renal lesion's intrarenal part
     found["collecting"] &= ~pasted

@@ -263,8 +263,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # Both pipelines on the same threads: MONAI on torch's default (one per core) beside ours on two per core
     # lost more to a busy neighbour than ours did, and the sliding-window ratio moved with the load.
-    args.threads = args.threads or default_threads()
-    threads = ours_threads = args.threads
+    threads = args.threads = args.threads or default_threads()
     prov = provenance(threads)
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
@@ -294,7 +293,7 @@ def main(args: argparse.Namespace) -> dict:
                                 "device": args.device, "window": args.window, "overlap": args.overlap,
                                 "sw_batch": args.sw_batch, "repeats": args.repeats, "warmup": args.warmup,
                                 "checkpoint": args.checkpoint or f"random {args.preset}",
-                                "threads_ours": ours_threads}}
+                                "threads_ours": threads}}
     for kind in kinds:
         last = runs[kind][-1]
         results[kind] = {"total_s": summary([r["total_s"] for r in runs[kind]]),
@@ -302,7 +301,7 @@ def main(args: argparse.Namespace) -> dict:
                          "peak_rss_gib": summary([r["peak_rss_gib"] for r in runs[kind]]),
                          "steps": [r["steps"] for r in runs[kind]],
                          "grid": last["grid"], "roi": last["roi"], "windows": last["windows"]}
-    print(f"image {results['config']['image']} {shape}; device {args.device}; threads: ours {ours_threads}, MONAI "
+    print(f"image {results['config']['image']} {shape}; device {args.device}; threads: ours {threads}, MONAI "
           f"{threads}; window "
           f"{args.window}, overlap {args.overlap}, sw-batch {args.sw_batch}; checkpoint "
           f"{results['config']['checkpoint']}; {args.repeats} interleaved runs each after {args.warmup} warm-up")
