@@ -94,10 +94,10 @@ def test_shipped_model_warns_on_a_liver_dome_and_exits_0(tmp_path):
 # The shipped ensemble's Dice on these rows (bench/bench_robustness.py) less 0.03: floors against
 # regressions, to be raised with the model.
 FLOORS = {
-    ("ircad_p1", "thick"): {"liver": 0.904, "right_kidney": 0.788, "left_kidney": 0.884, "spleen": 0.877},
-    ("ircad_p1", "noise"): {"liver": 0.910, "right_kidney": 0.842, "left_kidney": 0.876, "spleen": 0.885},
-    ("totalseg_example", "thick"): {"liver": 0.856, "right_kidney": 0.851, "left_kidney": 0.856, "spleen": 0.880},
-    ("totalseg_example", "noise"): {"liver": 0.875, "right_kidney": 0.858, "left_kidney": 0.883, "spleen": 0.870},
+    ("ircad_p1", "thick"): {"liver": 0.906, "right_kidney": 0.807, "left_kidney": 0.877, "spleen": 0.879},
+    ("ircad_p1", "noise"): {"liver": 0.910, "right_kidney": 0.858, "left_kidney": 0.872, "spleen": 0.888},
+    ("totalseg_example", "thick"): {"liver": 0.848, "right_kidney": 0.843, "left_kidney": 0.848, "spleen": 0.884},
+    ("totalseg_example", "noise"): {"liver": 0.865, "right_kidney": 0.855, "left_kidney": 0.877, "spleen": 0.877},
 }
 
 
@@ -189,7 +189,7 @@ def test_shipped_model_on_an_excretory_real_ct(row):
     """Contrast in the collecting systems of a real portal-phase CT: the kidneys stay near their
     floors (the shipped ensemble's figures less 0.03, as above) and the share of the opacified
     voxels missed is measured."""
-    floors = {"liver": 0.911, "right_kidney": 0.789, "left_kidney": 0.902, "spleen": 0.888}
+    floors = {"liver": 0.912, "right_kidney": 0.798, "left_kidney": 0.897, "spleen": 0.892}
     r = row("ircad_p1", "excretory")
     assert all(r["dice"][o] >= floor for o, floor in floors.items()), json.dumps(r["dice"])
     assert 0 <= r["collecting_missed_percent"] <= 100
