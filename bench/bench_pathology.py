@@ -18,7 +18,9 @@ four organs are scored by Dice, and the row's own structure by what the model ma
 
 An organ with less than --min-ml in view (a sliver where the grid cuts it) is not scored. Every
 checkpoint segments the same phantoms (infer.Segmenter: default inference, largest component
-per organ). Prints a markdown table; writes OUT/pathology.json and OUT/pathology.md.
+per organ). Prints a markdown table; writes OUT/pathology.json and OUT/pathology.md. Where a mass
+row ran, a second table gives each mass: its volume, median HU, the organs it touches and what
+each checkpoint painted it as (the share painted as organ hides which phantom carries it).
 """
 
 from __future__ import annotations
@@ -92,6 +94,41 @@ def structure_score(kind: str | None, pred: np.ndarray, label: np.ndarray, info:
     return 100.0 * float((pred[where] != label[where]).mean())
 
 
+def mass_detail(pred: np.ndarray, label: np.ndarray, hu: np.ndarray, mass: np.ndarray, spacing: float) -> dict:
+    """One mass (bool mask) of a phantom: volume (mL), median HU, the share (%) of a 2-voxel shell
+    around it on each organ of label, and the share (%) of it that pred paints as each organ."""
+    from scipy import ndimage
+
+    from utils import ORGANS
+
+    shell = ndimage.binary_dilation(mass, iterations=2) & ~mass
+    return {"ml": float(mass.sum()) * spacing ** 3 / 1000, "median_hu": float(np.median(hu[mass])),
+            "touches": {o: 100.0 * float((label[shell] == k).mean()) for k, o in enumerate(ORGANS, start=1)},
+            "painted_as": {o: 100.0 * float((pred[mass] == k).mean()) for k, o in enumerate(ORGANS, start=1)}}
+
+
+def mass_table(results: list[dict]) -> str:
+    """Markdown: one line per mass phantom, each checkpoint's share painted as organ and as which."""
+    rows = [x for x in results if x["structure_kind"] == "mass"]
+    if not rows:
+        return ""
+    short = {"liver": "liver", "right_kidney": "R kidney", "left_kidney": "L kidney", "spleen": "spleen"}
+    names = list(dict.fromkeys(x["checkpoint"] for x in rows))
+    lines = ["| row | phantom | mL | median HU | touches (% of its shell) | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    for row in dict.fromkeys(x["row"] for x in rows):
+        per = {x["checkpoint"]: x["mass_detail"] for x in rows if x["row"] == row}
+        for i, d in enumerate(per[names[0]]):
+            touches = ", ".join(f"{short[o]} {v:.0f}" for o, v in d["touches"].items() if v >= 0.5) or "-"
+            cells = []
+            for n in names:
+                painted = per[n][i]["painted_as"]
+                parts = ", ".join(f"{short[o]} {v:.0f}" for o, v in painted.items() if v >= 0.5)
+                cells.append(f"{sum(painted.values()):.1f} %" + (f" ({parts})" if parts else ""))
+            lines.append(f"| {row} | {i} | {d['ml']:.0f} | {d['median_hu']:.0f} | {touches} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> dict:
     from atlas_phantom import PROBABILITIES, load_sources, make_atlas_phantom
     from infer import Segmenter
@@ -114,7 +151,7 @@ def main(args: argparse.Namespace) -> dict:
             print(f"{row:15s} not run: it needs KiTS23 label maps (renal tumour shapes) among --atlas", flush=True)
             continue
         prob = {name: float(name in forced) for name in PROBABILITIES}
-        per = {c: {"dice": {o: [] for o in ORGANS}, "structure": []} for c in checkpoints}
+        per = {c: {"dice": {o: [] for o in ORGANS}, "structure": [], "mass_detail": []} for c in checkpoints}
         for i in range(args.cases):
             info: dict = {}
             hu, label, affine = make_atlas_phantom(10**9 + 1000 * r + i, atlases, (args.spacing,) * 3, 2.5,
@@ -133,12 +170,15 @@ def main(args: argparse.Namespace) -> dict:
                 score = structure_score(kind, pred, label, info)
                 if score is not None:
                     per[c]["structure"].append(score)
+                    if kind == "mass":
+                        per[c]["mass_detail"].append(mass_detail(pred, label, hu, info["mass"], args.spacing))
         for c in checkpoints:
             d = per[c]["dice"]
             results.append({"row": row, "phase": phase, "forced": list(forced), "checkpoint": names[c],
                             "cases": args.cases, "structure_kind": kind,
                             "dice": {o: float(np.mean(v)) if v else None for o, v in d.items()},
                             "dice_cases": d, "structure": per[c]["structure"],
+                            **({"mass_detail": per[c]["mass_detail"]} if kind == "mass" else {}),
                             "structure_mean": float(np.mean(per[c]["structure"])) if per[c]["structure"] else None})
             print(f"{row:15s} {names[c]:24s} " + " ".join(f"{v:.3f}" if v is not None else "-"
                                                           for v in results[-1]["dice"].values())
@@ -159,6 +199,9 @@ def main(args: argparse.Namespace) -> dict:
         lines.append(f"| {x['row']} | {x['checkpoint']} | "
                      + " | ".join(f"{v:.3f}" if v is not None else "-" for v in x["dice"].values()) + f" | {own} |")
     table = "\n".join(lines)
+    masses = mass_table(results)
+    if masses:
+        table += "\n\nMasses, phantom by phantom (% of each painted as organ, and as which):\n\n" + masses
     print(table)
     print(f"{skipped} organs with less than {args.min_ml:g} mL in view not scored")
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_pathology_"))

@@ -60,6 +60,9 @@ def test_bench_pathology_scores_each_checkpoint_on_the_same_held_out_phantoms(tm
     assert a["structure_kind"] == "mass" and len(a["structure"]) == 1 and 0 <= a["structure"][0] <= 100
     assert report["min_ml"] == 20 and report["organs_skipped_as_slivers"] >= 0
     assert (tmp_path / "pathology.json").is_file() and "mass painted as organ" in (tmp_path / "pathology.md").read_text()
+    (detail,) = a["mass_detail"]
+    assert detail["ml"] > 0 and abs(sum(detail["painted_as"].values()) - a["structure"][0]) < 1e-6
+    assert "| mass | 0 |" in (tmp_path / "pathology.md").read_text()
 
 
 @needs_real
@@ -81,3 +84,25 @@ def test_bench_pathology_renal_mass_row_needs_kits23_shapes_and_scores_the_intra
     (row,) = main(parse_args(args + ["--atlas", f"{atlas},{kits}"]))["rows"]
     assert row["structure_kind"] == "renal_mass" and len(row["structure"]) == 1 and 0 <= row["structure"][0] <= 100
     assert "renal tumour missed" in (tmp_path / "pathology.md").read_text()
+
+
+def test_bench_pathology_mass_table_gives_each_mass_and_what_each_checkpoint_painted_it_as():
+    """A 2x2x2 mass against the liver, half of it painted liver by one checkpoint, none by the other."""
+    from bench.bench_pathology import mass_detail, mass_table
+
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[:3] = 1
+    mass = np.zeros(label.shape, bool)
+    mass[3:5, 3:5, 3:5] = True
+    hu = np.where(mass, 10, 60).astype(np.int16)
+    pred = np.zeros_like(label)
+    pred[3, 3:5, 3:5] = 1
+    half, none = (mass_detail(p, label, hu, mass, 2.0) for p in (pred, np.zeros_like(label)))
+    assert half["ml"] == 0.064 and half["median_hu"] == 10 and half["painted_as"]["liver"] == 50
+    assert half["touches"]["liver"] > 0 and half["touches"]["spleen"] == 0
+    rows = [{"row": "mass", "checkpoint": c, "structure_kind": "mass", "mass_detail": [d]}
+            for c, d in (("a.pt", half), ("b.pt", none))]
+    table = mass_table(rows).splitlines()
+    assert table[0].endswith("| a.pt | b.pt |") and table[2].startswith("| mass | 0 | 0 | 10 | liver ")
+    assert table[2].endswith("| 50.0 % (liver 50) | 0.0 % |")
+    assert mass_table([{"row": "portal", "checkpoint": "a.pt", "structure_kind": None}]) == ""
