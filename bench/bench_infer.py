@@ -301,8 +301,7 @@ def main(args: argparse.Namespace) -> dict:
                          "peak_rss_gib": summary([r["peak_rss_gib"] for r in runs[kind]]),
                          "steps": [r["steps"] for r in runs[kind]],
                          "grid": last["grid"], "roi": last["roi"], "windows": last["windows"]}
-    print(f"image {results['config']['image']} {shape}; device {args.device}; threads: ours {threads}, MONAI "
-          f"{threads}; window "
+    print(f"image {results['config']['image']} {shape}; device {args.device}; threads {threads} each; window "
           f"{args.window}, overlap {args.overlap}, sw-batch {args.sw_batch}; checkpoint "
           f"{results['config']['checkpoint']}; {args.repeats} interleaved runs each after {args.warmup} warm-up")
     print(f"  machine: {describe_machine(prov)}")
