@@ -76,6 +76,9 @@ PROBABILITIES = {
     # The kidneys' fat capsule 0-3 mm thick instead of 3-12 (a lean patient's): bowel, muscle and the other organs
     # come up against the kidney, as around the real IRCAD kidneys. Off unless asked for.
     "thin_perirenal": 0.0,
+    # A second extra-organ mass, drawn as the first (its margins by the same mass_margin draw), so that training sees
+    # more masses pressed against the organs beside the same lesions inside them. Off unless asked for.
+    "second_mass": 0.0,
 }
 # Small-bowel and colon wall per phase: the jejunum's mucosa enhances as much as the spleen in the
 # portal phase (IRCAD patient 1: 106 HU median, 86..118 p25..p75, in the loops beside its spleen and
@@ -88,7 +91,7 @@ LATE_DRAWS = ("mass_margin",)
 LATE_STREAM = 2  # their stream: default_rng([seed, LATE_STREAM]); [seed, 1] is phantom_volume's slice profile
 # Phenomena drawn, with their own tissues and sizes, from a stream each: default_rng([seed, n]). Whether they are
 # on or off changes no other draw, so a phantom without them is bit for bit the one drawn before they existed.
-OWN_STREAMS = {"split_bolus": 3, "open_hilum": 4, "thin_perirenal": 5}
+OWN_STREAMS = {"split_bolus": 3, "open_hilum": 4, "thin_perirenal": 5, "second_mass": 6}
 SPLIT_BOLUS_TISSUES = ("liver", "spleen", "cortex", "medulla", "aorta", "vein")
 PHASE_PROBABILITIES = {"native": 0.25, "arterial": 0.15, "portal": 0.35, "nephrographic": 0.1, "excretory": 0.15}
 MAPS_HELP = ("FLARE22 label maps (labelsTr/), BTCV 8-organ maps (label00NN.nii.gz) or, for renal lesion shapes, "
@@ -1106,6 +1109,11 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
     found["mass"] = np.zeros(grid.shape, bool)
     if on["mass"]:
         found["mass"] = _paint_mass(c, rng, organs, cavity, phase, margin=late if on["mass_margin"] else None)
+    if on["second_mass"]:
+        second = own["second_mass"]
+        _paint_mass(c, second, organs, cavity, phase, margin=second if on["mass_margin"] else None)
+        # Where the masses lie now: the second one's push may have moved the first.
+        found["mass"] = organs == MASS
     found["mass_fat"] = organs == MASS_FAT
     found["renal_mass"] = np.zeros(grid.shape, bool)
     if on["renal_mass"] and lesions:

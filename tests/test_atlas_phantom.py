@@ -213,3 +213,27 @@ def test_thin_perirenal_thins_the_kidneys_fat_capsule_and_changes_nothing_else(a
     hu, _, _ = make_atlas_phantom(1, atlases, (4.0,) * 3, phase="native")
     hu_plain, _, _ = make_atlas_phantom(1, atlases, (4.0,) * 3, phase="native", prob={"thin_perirenal": 0.0})
     assert np.array_equal(hu, hu_plain)
+
+
+def test_second_mass_adds_a_mass_labelled_background_and_changes_nothing_else(atlas_dir):
+    """second_mass (off by default) draws a second extra-organ mass from a stream of its own: more mass, labelled
+    background, the organs beside it keep at least half their voxels (as for the first); a phantom without it is
+    the same as before it existed."""
+    from scipy import ndimage
+
+    atlases = atlas_phantom.load_sources(str(atlas_dir))[0]
+    assert atlas_phantom.PROBABILITIES["second_mass"] == 0.0
+    more = 0
+    for seed in range(3):
+        one, two = {}, {}
+        _, label1, _ = make_atlas_phantom(seed, atlases, (4.0,) * 3, phase="portal", prob={"mass": 1.0}, info=one)
+        _, label2, _ = make_atlas_phantom(seed, atlases, (4.0,) * 3, phase="portal",
+                                          prob={"mass": 1.0, "second_mass": 1.0}, info=two)
+        assert two["on"]["second_mass"] and not one["on"]["second_mass"]
+        assert two["mass"].any() and not label2[two["mass"]].any()
+        assert all((label2 == v).sum() >= 0.5 * (label1 == v).sum() for v in (1, 2, 3, 4))
+        more += ndimage.label(two["mass"])[1] > ndimage.label(one["mass"])[1] or two["mass"].sum() > one["mass"].sum()
+    assert more >= 2
+    hu, _, _ = make_atlas_phantom(1, atlases, (4.0,) * 3, phase="native")
+    hu_plain, _, _ = make_atlas_phantom(1, atlases, (4.0,) * 3, phase="native", prob={"second_mass": 0.0})
+    assert np.array_equal(hu, hu_plain)
