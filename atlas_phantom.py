@@ -1106,14 +1106,12 @@ def make_atlas_phantom(seed: int, atlases: list[Atlas], spacing: tuple[float, fl
         _rescale_organ(c, organs, v, u(0.55, 0.8), _world(c, np.argwhere(organs == v)).mean(0), free)
     # Masses and cysts outside the organs, pressed against them (background), and real renal
     # tumours and cysts (KiTS23) on a kidney. Their HU is painted now: later painters keep off MASS.
-    found["mass"] = np.zeros(grid.shape, bool)
     if on["mass"]:
-        found["mass"] = _paint_mass(c, rng, organs, cavity, phase, margin=late if on["mass_margin"] else None)
+        _paint_mass(c, rng, organs, cavity, phase, margin=late if on["mass_margin"] else None)
     if on["second_mass"]:
         second = own["second_mass"]
         _paint_mass(c, second, organs, cavity, phase, margin=second if on["mass_margin"] else None)
-        # Where the masses lie now: the second one's push may have moved the first.
-        found["mass"] = organs == MASS
+    found["mass"] = organs == MASS  # where the masses lie now: a second one's push may have moved the first
     found["mass_fat"] = organs == MASS_FAT
     found["renal_mass"] = np.zeros(grid.shape, bool)
     if on["renal_mass"] and lesions:
